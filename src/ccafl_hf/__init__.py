@@ -1,0 +1,33 @@
+"""ccafl-hf: CLIP-based camera-agnostic feature learning for intra-camera supervised person ReID.
+
+Importing the package registers `CCAFLConfig` / `CCAFLModel` with transformers' Auto classes, and
+marks them for custom-code export so saved checkpoints load with
+``AutoModel.from_pretrained(path, trust_remote_code=True)`` where ccafl_hf is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_ccafl import CCAFLConfig
+from .modeling_ccafl import CCAFLModel, CCAFLOutput, resize_position_embeddings
+from .processing import build_image_processor, build_reid_processor, build_tiny_tokenizer, load_tokenizer
+from .tiny import create_tiny_model, tiny_config
+
+__version__ = "0.1.0"
+
+AutoConfig.register(CCAFLConfig.model_type, CCAFLConfig, exist_ok=True)
+AutoModel.register(CCAFLConfig, CCAFLModel, exist_ok=True)
+CCAFLConfig.register_for_auto_class()
+CCAFLModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "CCAFLConfig",
+    "CCAFLModel",
+    "CCAFLOutput",
+    "build_image_processor",
+    "build_reid_processor",
+    "build_tiny_tokenizer",
+    "create_tiny_model",
+    "load_tokenizer",
+    "resize_position_embeddings",
+    "tiny_config",
+]

@@ -1,0 +1,21 @@
+"""Shared fixtures: offline Hub, tiny models, small synthetic data."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny randomly initialised CCAFL model (eval mode) and its processor."""
+    from ccafl_hf import create_tiny_model
+
+    model, processor = create_tiny_model(seed=0)
+    return model.eval(), processor
