@@ -1,0 +1,86 @@
+"""Command-line entry points (`scripts/*.py` and the `ccafl-*` console scripts call these)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib import resources
+from typing import Any
+
+from transformers import HfArgumentParser
+
+logger = logging.getLogger("ccafl_hf")
+
+
+class PresetError(ValueError):
+    """Unknown preset, or a preset that names an unknown argument."""
+
+
+def available_presets() -> list[str]:
+    """Names of the packaged presets (``ccafl_hf/presets/*.json``)."""
+    return sorted(p.name[:-5] for p in (resources.files("ccafl_hf") / "presets").iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The hyper-parameters of a packaged preset (keys starting with ``_`` are comments)."""
+    if name not in available_presets():
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    values = json.loads((resources.files("ccafl_hf") / "presets" / f"{name}.json").read_text())
+    return {k: v for k, v in values.items() if not k.startswith("_")}
+
+
+def _peek_option(argv: list[str], name: str, default: str) -> str:
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(f"--{name}="):
+            return token.split("=", 1)[1]
+    return default
+
+
+def parse_train_args(argv: list[str] | None = None):
+    """Parse ``train.py`` arguments: preset values become defaults, explicit flags override them."""
+    from .pipeline import DataArguments, ModelArguments
+    from .trainers.arguments import CCAFLTrainingArguments
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
+    preset_name = _peek_option(argv, "preset", "demo")
+    preset = load_preset(preset_name)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(preset) - known)
+    if unknown:
+        raise PresetError(f"preset {preset_name!r} sets unknown argument(s): {', '.join(unknown)}")
+    parser.set_defaults(**preset)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _format_table(results: dict[str, Any]) -> str:
+    keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
+    lines = [f"{'stage':<10}" + "".join(f"{k:>9}" for k in keys)]
+    for stage, metrics in results["stages"].items():
+        lines.append(f"{stage:<10}" + "".join(f"{100 * metrics[k]:>8.1f}%" for k in keys))
+    return "\n".join(lines)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
+    from .data import ReIDDatasetError
+    from .pipeline import RunError, run_training
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        model_args, data_args, training_args = parse_train_args(argv)
+        results = run_training(model_args, data_args, training_args)
+    except (PresetError, RunError, ReIDDatasetError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if training_args.process_index == 0:
+        print("\nCCAFL results (query/gallery, Market-1501 protocol):")
+        print(_format_table(results))
+        print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")
+    return 0
+
+
+__all__ = ["available_presets", "load_preset", "parse_train_args", "train_main"]

@@ -1,0 +1,311 @@
+"""The main job: the three CCAFL stages end to end, with evaluation, artifacts, resume and Hub push.
+
+`scripts/train.py` only parses arguments (presets + flags) and calls `run_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from transformers import CLIPProcessor, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import ReIDCollator, build_eval_transform, build_train_transform, dataset_summary, load_reid_dataset
+from .inference import METRIC_KEYS, evaluate_reid_model
+from .modeling_ccafl import CCAFLModel
+from .processing import build_reid_processor, load_tokenizer
+from .prompts import IdentityPromptLearner, load_text_features, save_text_features
+from .tiny import create_tiny_model
+from .trainers.arguments import CCAFLTrainingArguments
+from .trainers.ical import ICALTrainer
+from .trainers.icdl import ICDLTrainer
+from .trainers.prompt_learning import FeatureCache, PromptLearningTrainer
+from .trainers.training_module import CCAFLForTraining
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "ccafl_run.json"
+EVAL_FILE = "eval_results.json"
+TEXT_FEATURES_FILE = "text_features.safetensors"
+ADAPTER_DIR = "prompt_adapter"
+STATE_FILE = "training_state.safetensors"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from."""
+
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "'tiny' (random tiny CLIP, offline demo), a CLIP checkpoint (Hub id or folder, e.g. "
+                          "openai/clip-vit-base-patch16) or a saved CCAFL model folder."},
+    )
+    image_size: list[int] | None = field(
+        default=None, metadata={"help": "ReID input as HEIGHT WIDTH (default 256 128; the tiny model: 64 32)."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    dataset: str = field(
+        default="synthetic", metadata={"help": "synthetic, market1501, dukemtmc, msmt17 or custom."}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (optional for synthetic)."})
+    dataset_options: str = field(
+        default="{}", metadata={"help": "JSON dict of reader options, e.g. '{\"num_identities\": 40}' for synthetic."}
+    )
+    preset: str = field(default="demo", metadata={"help": "Packaged hyper-parameter preset (ccafl_hf/presets/*.json)."})
+
+
+class RunError(ValueError):
+    """A problem with the run's arguments or output folder (reported as one line by the script)."""
+
+
+# ------------------------------------------------------------------------------------------ model
+def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The model and processor to start from: tiny preset, a CLIP checkpoint (converted) or a CCAFL one."""
+    size = tuple(model_args.image_size) if model_args.image_size else None
+    if size is not None and len(size) != 2:
+        raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
+    name = model_args.model_name_or_path
+    if name == "tiny":
+        return create_tiny_model(**({"image_size": size} if size else {}))
+    config_file = Path(name) / "config.json"
+    is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
+    tokenizer = load_tokenizer(model_args.tokenizer_name or name)
+    if is_ccafl:
+        model = CCAFLModel.from_pretrained(name)
+        if size and tuple(model.config.image_size) != size:
+            raise RunError(f"{name} runs at {model.config.image_size}; --image_size {size} would need a new conversion")
+    else:
+        model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
+    return model, build_reid_processor(model.config, tokenizer)
+
+
+def _set_trainable_for_image_stages(model: CCAFLModel) -> None:
+    """Stages 2–3: image tower, neck weight and visual projection train; text tower frozen."""
+    model.requires_grad_(False)
+    model.vision_model.requires_grad_(True)
+    model.visual_projection.requires_grad_(True)
+    if isinstance(model.neck, torch.nn.BatchNorm1d):
+        model.neck.weight.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------- output folder
+def _run_fingerprint(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
+    keys = ("stages", "seed", "prompt_epochs", "icdl_epochs", "ical_epochs", "iters_per_epoch",
+            "num_identities_per_batch", "num_instances", "learning_rate")
+    return {"model": asdict(model_args), "data": asdict(data_args), "training": {k: getattr(args, k) for k in keys}}
+
+
+def prepare_output_dir(model_args, data_args, args: CCAFLTrainingArguments) -> bool:
+    """Check the output folder; return True when a previous run of the same settings is resumed.
+
+    Refuses (RunError) a folder that holds another run's checkpoints unless ``--overwrite_output_dir``.
+    """
+    out = Path(args.output_dir)
+    run_file = out / RUN_FILE
+    fingerprint = _run_fingerprint(model_args, data_args, args)
+    has_run = run_file.is_file() or (out / "checkpoints").is_dir()
+    if has_run and args.overwrite_output_dir:
+        return False
+    if not has_run:
+        return False
+    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if previous == json.loads(json.dumps(fingerprint)) or args.resume_from_checkpoint:
+        return True
+    raise RunError(
+        f"--output_dir {out} holds another run's checkpoints (different settings); pass --overwrite_output_dir "
+        "to replace it, --resume_from_checkpoint to continue it, or choose another --output_dir"
+    )
+
+
+# --------------------------------------------------------------------------------------- training
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments
+) -> dict[str, Any]:
+    """Run the requested stages (resuming what a previous run of the same settings left) and write
+    the model, processor, prompt adapter, text features, ``eval_results.json`` and model card.
+
+    Returns the content of ``eval_results.json``.
+    """
+    accelerator = Accelerator()
+    resuming = prepare_output_dir(model_args, data_args, args)
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+
+    try:
+        options = json.loads(data_args.dataset_options or "{}")
+    except json.JSONDecodeError as error:
+        raise RunError(f"--dataset_options must be a JSON object: {error}") from None
+    dataset = load_reid_dataset(data_args.dataset, data_args.data_dir, **options)
+    info = dataset_summary(dataset)
+    if info.num_cameras < 2:
+        raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
+
+    model, processor = build_model(model_args)
+    model.to(accelerator.device)
+    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    height, width = model.config.image_size
+    train_collator = ReIDCollator(build_train_transform(height, width, mean, std))
+    eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
+    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+
+    def evaluate(stage: str) -> dict:
+        metrics = evaluate_reid_model(
+            model, dataset["query"], dataset["gallery"], eval_collator, batch_size=args.per_device_eval_batch_size,
+            num_workers=args.dataloader_num_workers, mixed_precision=mixed, flip=args.eval_flip,
+            rerank=args.eval_rerank, accelerator=accelerator,
+        )
+        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
+        logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
+        return summary
+
+    stage_results: dict[str, dict] = {}
+    untrained_file = out / "checkpoints" / "untrained_eval.json"
+    if resuming and untrained_file.is_file():
+        stage_results["untrained"] = json.loads(untrained_file.read_text())
+    else:
+        stage_results["untrained"] = evaluate("untrained")
+        if accelerator.is_main_process:
+            untrained_file.parent.mkdir(parents=True, exist_ok=True)
+            untrained_file.write_text(json.dumps(stage_results["untrained"]))
+
+    identity_camids = torch.as_tensor(info.identity_camids, dtype=torch.long)
+    tokenizer = processor.tokenizer
+    text_features = None
+    module: CCAFLForTraining | None = None
+    explicit = _explicit_checkpoint(args)
+
+    for stage in args.stage_list:
+        stage_args = args.stage_arguments(stage)
+        final_dir = Path(stage_args.output_dir) / "final"
+        done = resuming and (final_dir / EVAL_FILE).is_file() and (explicit is None or explicit[0] != stage)
+        resume = None
+        if resuming and not done:
+            resume = explicit[1] if explicit and explicit[0] == stage else get_last_checkpoint(stage_args.output_dir) \
+                if Path(stage_args.output_dir).is_dir() else None
+        if stage == "prompt":
+            model.requires_grad_(False)
+            learner = IdentityPromptLearner(model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std)
+            learner.to(accelerator.device)
+            if done:
+                learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
+            else:
+                cache = FeatureCache.build(model, dataset["train"], eval_collator, args, accelerator)
+                trainer = PromptLearningTrainer(learner, stage_args, cache)
+                trainer.train(resume_from_checkpoint=resume)
+            text_features = learner.all_text_features().to(accelerator.device)
+            if accelerator.is_main_process and not done:
+                learner.save_pretrained(final_dir / ADAPTER_DIR)
+                save_text_features(text_features, identity_camids, final_dir / TEXT_FEATURES_FILE)
+        else:
+            if text_features is None and (Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE).is_file():
+                text_features, _ = load_text_features(Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE)
+            if module is None:
+                _set_trainable_for_image_stages(model)
+                module = CCAFLForTraining(model, identity_camids, text_features, args).to(accelerator.device)
+            if done:
+                module.load_state_dict(load_file(str(final_dir / STATE_FILE), device=str(accelerator.device)))
+            else:
+                if stage == "ical" and resume is None and "icdl" in args.stage_list:
+                    icdl_state = Path(args.stage_output_dir("icdl")) / "final" / STATE_FILE
+                    if icdl_state.is_file():
+                        module.load_state_dict(load_file(str(icdl_state), device=str(accelerator.device)))
+                stage_args.ddp_find_unused_parameters = True
+                trainer_cls = ICDLTrainer if stage == "icdl" else ICALTrainer
+                extra = {"diagnostic_pids": info.identity_diagnostic_pids} if stage == "ical" else {}
+                trainer = trainer_cls(
+                    module, stage_args, dataset["train"], train_collator, eval_collator,
+                    epoch_offset=0 if stage == "icdl" else args.icdl_epochs, **extra,
+                )
+                trainer.train(resume_from_checkpoint=resume)
+                if accelerator.is_main_process:
+                    final_dir.mkdir(parents=True, exist_ok=True)
+                    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                    save_file(state, str(final_dir / STATE_FILE))
+        if done:
+            stage_results[stage] = json.loads((final_dir / EVAL_FILE).read_text())
+        else:
+            stage_results[stage] = evaluate(stage)
+            if accelerator.is_main_process:
+                final_dir.mkdir(parents=True, exist_ok=True)
+                (final_dir / EVAL_FILE).write_text(json.dumps(stage_results[stage]))
+        accelerator.wait_for_everyone()
+
+    last = args.stage_list[-1] if args.stage_list else "untrained"
+    results = {**stage_results[last], "stages": stage_results}
+    if accelerator.is_main_process:
+        save_artifacts(model, processor, args, model_args, data_args, info, results)
+        if args.push_to_hub:
+            push_output_dir(args)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None:
+    """``(stage, path)`` of an explicit ``--resume_from_checkpoint PATH`` inside this run's folder."""
+    value = args.resume_from_checkpoint
+    if not value or str(value).lower() == "true":
+        return None
+    path = Path(value).resolve()
+    if not path.is_dir():
+        raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    checkpoints = Path(args.output_dir).resolve() / "checkpoints"
+    if path.parent.parent != checkpoints or path.parent.name not in args.stage_list:
+        raise RunError(
+            f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
+            f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"
+        )
+    return path.parent.name, str(path)
+
+
+# -------------------------------------------------------------------------------------- artifacts
+def save_artifacts(model, processor, args, model_args, data_args, info, results: dict) -> None:
+    """Write the loadable model (+ custom code), processor, adapter, text features, results and card."""
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    prompt_final = Path(args.stage_output_dir("prompt")) / "final"
+    if (prompt_final / ADAPTER_DIR).is_dir():
+        shutil.copytree(prompt_final / ADAPTER_DIR, out / ADAPTER_DIR, dirs_exist_ok=True)
+        shutil.copy2(prompt_final / TEXT_FEATURES_FILE, out / TEXT_FEATURES_FILE)
+    (out / EVAL_FILE).write_text(json.dumps(results, indent=2))
+    from .model_card import render_model_card
+
+    render_model_card(model, args, model_args, data_args, info, results).save(out / "README.md")
+
+
+def push_output_dir(args: CCAFLTrainingArguments) -> str:
+    """Upload the output folder (model, custom code, adapter, card; not checkpoints) to the Hub."""
+    from huggingface_hub import HfApi
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoints/*", RUN_FILE],
+        commit_message="Upload CCAFL model trained with ccafl-hf",
+    )
+    return repo_id
+
+
+__all__ = ["DataArguments", "ModelArguments", "RunError", "build_model", "push_output_dir", "run_training"]
