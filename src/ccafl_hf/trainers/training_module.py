@@ -91,10 +91,7 @@ class CCAFLForTraining(nn.Module):
 
         if self.stage == "icdl":
             if on.memory:
-                lam = args.memory_lambda
-                centroid = self.camera_memory.centroid_loss(feats, intra_ids)
-                instance = self.camera_memory.hard_instance_loss(feats, intra_ids)
-                losses["memory"] = lam * centroid + (1.0 - lam) * instance
+                losses["memory"] = self.camera_memory.loss(feats, intra_ids, centroid_weight=args.memory_lambda)
             if on.image_text and self.has_text_features:
                 losses["image_text"] = intra_camera_image_text_loss(
                     out.alignment_features, self.text_features, intra_ids, self.identity_camids,

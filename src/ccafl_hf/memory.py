@@ -1,0 +1,415 @@
+"""Memories and the global-ID classifier of CCAFL (METHOD.md §4, §5).
+
+* `CameraMemory` — the ICDL camera memories: a centroid and ``I`` instance slots per intra-camera
+  identity, with centroid and hard-instance losses restricted to the sample's own camera.
+* `ClusterMemory` — the ICAL global memory: one centroid per pseudo-identity.
+* `IdentityClassifier` — the cosine classifier over all ``N`` intra-camera identities whose cosines
+  feed the camera-adversarial loss.
+
+All state lives in registered buffers, so it is part of ``state_dict`` (checkpoints and resume carry
+it). Updates are ``@torch.no_grad()``, vectorised, and deterministic given their inputs; under several
+processes call them with features and labels gathered from every rank so all ranks stay identical.
+Buffers are float32 whatever the feature dtype; losses are computed in fp32 with autocast disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import _check_labels, _check_matrix, _masked_mean, fp32_region
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CameraMemory", "ClusterMemory", "IdentityClassifier"]
+
+
+def _check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def _rank_within_label(labels: torch.Tensor, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occurrence rank of every sample among the samples of its label, in batch order.
+
+    Args:
+        labels: ``[B]`` values in ``[0, num_labels)``.
+    Returns:
+        ``rank`` ``[B]`` (0 for the first sample of a label, 1 for the second, …) and
+        ``counts`` ``[num_labels]`` (samples per label).
+    """
+    counts = torch.bincount(labels, minlength=num_labels)
+    order = torch.sort(labels, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts  # first sorted position of every label
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    return rank, counts
+
+
+class CameraMemory(nn.Module):
+    """Per-camera identity memory of ICDL (METHOD.md §4), for all cameras at once.
+
+    Buffers: ``centroids`` ``[N, D]`` (L2-normalised), ``instances`` ``[N, I, D]``, ``identity_camids``
+    ``[N]``, ``pointers`` ``[N]`` (next instance slot of each identity) and ``initialized`` (bool).
+
+    Instance update rule (cyclic pointer): when an identity has ``k`` samples in a batch, its ``j``-th
+    sample in batch order (``j = 0..k-1``) is written to slot ``(pointer + j) mod I`` and the pointer
+    advances to ``(pointer + k) mod I``. If ``k > I`` only the last ``I`` samples are written, so each
+    slot is written once per update and the result is deterministic.
+
+    Loss reduction: the paper's loss is a cross-entropy per camera over that camera's identities; here
+    every sample's cross-entropy runs over its own camera's identities (others masked with ``-inf``)
+    and the loss is the **mean over all samples of the batch**, i.e. the per-camera means averaged with
+    weights proportional to each camera's share of the batch. Unlike a sum of per-camera means, this
+    does not grow with the number of cameras in the batch.
+
+    Args:
+        num_identities: ``N``.
+        feature_dim: ``D``.
+        identity_camids: ``[N]`` camera of every identity.
+        num_instances: ``I`` instance slots per identity.
+        momentum: ``m`` of the centroid update ``c <- m c + (1 - m) mean``.
+        temperature: ``tau`` of the similarity logits.
+    """
+
+    centroids: torch.Tensor
+    instances: torch.Tensor
+    identity_camids: torch.Tensor
+    pointers: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(
+        self,
+        num_identities: int,
+        feature_dim: int,
+        identity_camids: torch.Tensor,
+        num_instances: int = 32,
+        momentum: float = 0.1,
+        temperature: float = 0.05,
+    ):
+        super().__init__()
+        if num_identities <= 0 or feature_dim <= 0 or num_instances <= 0:
+            raise ValueError(
+                f"num_identities, feature_dim and num_instances must be positive, got "
+                f"{num_identities}, {feature_dim}, {num_instances}"
+            )
+        _check_labels(identity_camids, "identity_camids", num_identities)
+        _check_momentum(momentum)
+        _check_temperature(temperature)
+        self.num_identities = num_identities
+        self.feature_dim = feature_dim
+        self.num_instances = num_instances
+        self.momentum = momentum
+        self.temperature = temperature
+        device = identity_camids.device
+        self.register_buffer("centroids", torch.zeros(num_identities, feature_dim, device=device))
+        self.register_buffer("instances", torch.zeros(num_identities, num_instances, feature_dim, device=device))
+        self.register_buffer("identity_camids", identity_camids.detach().long().clone())
+        self.register_buffer("pointers", torch.zeros(num_identities, dtype=torch.long, device=device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_identities={self.num_identities}, feature_dim={self.feature_dim}, "
+            f"num_instances={self.num_instances}, momentum={self.momentum}, temperature={self.temperature}"
+        )
+
+    def _check_batch(self, features: torch.Tensor, intra_ids: torch.Tensor) -> None:
+        _check_matrix(features, "features", cols=self.feature_dim)
+        _check_labels(intra_ids, "intra_ids", features.shape[0], upper=self.num_identities)
+
+    def _require_initialized(self) -> None:
+        if not bool(self.initialized):
+            raise RuntimeError("CameraMemory is not initialised: call initialize() with features of every identity")
+
+    @torch.no_grad()
+    def initialize(
+        self, features: torch.Tensor, intra_ids: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Rebuild the memory from the features of the whole training set.
+
+        Centroid of identity ``n`` = L2-normalised mean of its features; its ``I`` instance slots are
+        filled by sampling its features uniformly with replacement. Pointers are reset to 0. Under
+        several processes pass a generator seeded identically on every rank.
+
+        Args:
+            features: ``[M, D]`` retrieval features (L2-normalised).
+            intra_ids: ``[M]`` identity of each feature; every identity must occur at least once.
+            generator: RNG of the sampling; it decides the device the random numbers are drawn on.
+        """
+        self._check_batch(features, intra_ids)
+        n = self.num_identities
+        device = self.centroids.device
+        x = features.detach().to(device=device, dtype=torch.float32)
+        ids = intra_ids.to(device).long()
+        counts = torch.bincount(ids, minlength=n)
+        missing = int((counts == 0).sum())
+        if missing:
+            raise ValueError(f"{missing} of {n} identities have no feature; every identity needs at least one")
+        sums = torch.zeros_like(self.centroids).index_add_(0, ids, x)
+        self.centroids.copy_(F.normalize(sums / counts.unsqueeze(1).to(sums.dtype), dim=1))
+
+        # slot s of identity n takes sorted row starts[n] + floor(u * counts[n]), u ~ U[0, 1)
+        order = torch.sort(ids, stable=True).indices
+        starts = torch.cumsum(counts, 0) - counts
+        rand_device = generator.device if generator is not None else device
+        u = torch.rand(n, self.num_instances, generator=generator, device=rand_device).to(device)
+        offset = torch.minimum((u * counts.unsqueeze(1)).long(), counts.unsqueeze(1) - 1)
+        self.instances.copy_(x[order[starts.unsqueeze(1) + offset]])
+        self.pointers.zero_()
+        self.initialized.fill_(True)
+        logger.debug("CameraMemory initialised from %d features of %d identities", x.shape[0], n)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, intra_ids: torch.Tensor) -> None:
+        """Write a batch into the memory (after the optimiser step).
+
+        Instance slots follow the cyclic-pointer rule of the class docstring; for every identity in
+        the batch, ``c <- normalize(m c + (1 - m) mean of its batch features)``.
+
+        Args:
+            features: ``[B, D]`` retrieval features (gathered from all processes under DDP).
+            intra_ids: ``[B]`` identity of each feature.
+        """
+        self._check_batch(features, intra_ids)
+        self._require_initialized()
+        n, slots = self.num_identities, self.num_instances
+        device = self.centroids.device
+        x = features.detach().to(device=device, dtype=torch.float32)
+        ids = intra_ids.to(device).long()
+        rank, counts = _rank_within_label(ids, n)
+
+        keep = rank >= (counts[ids] - slots)  # the last I samples of each identity
+        slot = (self.pointers[ids] + rank) % slots
+        self.instances[ids[keep], slot[keep]] = x[keep]
+        self.pointers.copy_((self.pointers + counts) % slots)
+
+        present = counts > 0
+        sums = torch.zeros_like(self.centroids).index_add_(0, ids, x)
+        means = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)
+        moved = F.normalize(self.momentum * self.centroids + (1.0 - self.momentum) * means, dim=1)
+        self.centroids.copy_(torch.where(present.unsqueeze(1), moved, self.centroids))
+
+    def _own_camera_mask(self, intra_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` bool: identity ``n`` belongs to the camera of sample ``b``."""
+        return self.identity_camids.unsqueeze(0) == self.identity_camids[intra_ids].unsqueeze(1)
+
+    def centroid_logits(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` fp32 logits ``f . c_n / tau``, ``-inf`` outside the sample's camera."""
+        self._check_batch(features, intra_ids)
+        self._require_initialized()
+        with fp32_region(features.device):
+            logits = features.float() @ self.centroids.t() / self.temperature
+            return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
+
+    def hard_instance_logits(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` fp32 logits: the true identity's **least** similar instance, every other identity's
+        **most** similar instance, divided by ``tau``; ``-inf`` outside the sample's camera.
+
+        The ``[B, N * I]`` similarities are computed once; the selection is made without gradient and
+        the chosen entries are gathered, so autograd keeps no ``[B, N, I]`` tensor.
+        """
+        self._check_batch(features, intra_ids)
+        self._require_initialized()
+        n, slots = self.num_identities, self.num_instances
+        with fp32_region(features.device):
+            sims = features.float() @ self.instances.reshape(n * slots, -1).t()  # [B, N*I]
+            with torch.no_grad():
+                per_identity = sims.detach().reshape(-1, n, slots)
+                chosen = per_identity.argmax(2)  # hardest negatives
+                hardest_positive = per_identity.gather(
+                    1, intra_ids.view(-1, 1, 1).expand(-1, 1, slots)
+                ).squeeze(1).argmin(1)
+                chosen.scatter_(1, intra_ids.unsqueeze(1), hardest_positive.unsqueeze(1))
+                index = chosen + torch.arange(n, device=chosen.device).unsqueeze(0) * slots
+            logits = sims.gather(1, index) / self.temperature
+            return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
+
+    def centroid_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over own-camera centroids; mean over the batch. ``[B, D]``, ``[B]`` → scalar."""
+        logits = self.centroid_logits(features, intra_ids)
+        return F.cross_entropy(logits, intra_ids.long(), reduction="sum") / max(logits.shape[0], 1)
+
+    def hard_instance_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of `hard_instance_logits`; mean over the batch. ``[B, D]``, ``[B]`` → scalar."""
+        logits = self.hard_instance_logits(features, intra_ids)
+        return F.cross_entropy(logits, intra_ids.long(), reduction="sum") / max(logits.shape[0], 1)
+
+    def loss(self, features: torch.Tensor, intra_ids: torch.Tensor, centroid_weight: float = 0.6) -> torch.Tensor:
+        """``lambda * centroid_loss + (1 - lambda) * hard_instance_loss`` with ``lambda = centroid_weight``."""
+        if not 0.0 <= centroid_weight <= 1.0:
+            raise ValueError(f"centroid_weight must lie in [0, 1], got {centroid_weight}")
+        total = features.new_zeros((), dtype=torch.float32)
+        if centroid_weight > 0.0:
+            total = total + centroid_weight * self.centroid_loss(features, intra_ids)
+        if centroid_weight < 1.0:
+            total = total + (1.0 - centroid_weight) * self.hard_instance_loss(features, intra_ids)
+        return total
+
+
+class ClusterMemory(nn.Module):
+    """Global pseudo-identity memory of ICAL (METHOD.md §5).
+
+    Buffer ``centroids`` ``[C, D]``; ``C`` changes with every association, so `reset` replaces the
+    buffer and loading a ``state_dict`` resizes it to the checkpoint's ``C``.
+
+    Args:
+        feature_dim: ``D``.
+        momentum: ``m`` of ``c <- normalize(m c + (1 - m) f_hard)``.
+        temperature: ``tau`` of the logits ``f . c / tau``.
+        num_clusters: initial ``C`` (centroids start at zero; call `reset` before use).
+    """
+
+    centroids: torch.Tensor
+
+    def __init__(self, feature_dim: int, momentum: float = 0.1, temperature: float = 0.05, num_clusters: int = 0):
+        super().__init__()
+        if feature_dim <= 0 or num_clusters < 0:
+            raise ValueError(f"feature_dim must be positive and num_clusters >= 0, got {feature_dim}, {num_clusters}")
+        _check_momentum(momentum)
+        _check_temperature(temperature)
+        self.feature_dim = feature_dim
+        self.momentum = momentum
+        self.temperature = temperature
+        self.register_buffer("centroids", torch.zeros(num_clusters, feature_dim))
+
+    @property
+    def num_clusters(self) -> int:
+        """``C``, the current number of pseudo-identities."""
+        return self.centroids.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"feature_dim={self.feature_dim}, num_clusters={self.num_clusters}, "
+            f"momentum={self.momentum}, temperature={self.temperature}"
+        )
+
+    @torch.no_grad()
+    def reset(self, centroids: torch.Tensor) -> None:
+        """Replace the memory with ``centroids`` ``[C, D]`` (stored L2-normalised, fp32, on this module's device)."""
+        _check_matrix(centroids, "centroids", cols=self.feature_dim)
+        self.centroids = F.normalize(centroids.detach().to(device=self.centroids.device, dtype=torch.float32), dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "centroids"
+        if key in state_dict:
+            saved = state_dict[key]
+            if saved.dim() == 2 and saved.shape[1] == self.feature_dim:  # else the base class reports the mismatch
+                self.centroids = torch.empty(saved.shape, dtype=self.centroids.dtype, device=self.centroids.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _check_batch(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.num_clusters == 0:
+            raise RuntimeError("ClusterMemory is empty: call reset() with the pseudo-identity centroids")
+        _check_matrix(features, "features", cols=self.feature_dim)
+        _check_labels(labels, "labels", features.shape[0], upper=self.num_clusters, allow_unlabelled=True)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` → ``[B, C]`` fp32 logits ``f . c / tau``."""
+        _check_matrix(features, "features", cols=self.feature_dim)
+        with fp32_region(features.device):
+            return features.float() @ self.centroids.t() / self.temperature
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over all ``C`` centroids, mean over samples with ``labels >= 0`` (0 if none).
+
+        Args:
+            features: ``[B, D]`` retrieval features.
+            labels: ``[B]`` pseudo-identity, ``-1`` = unassociated (excluded).
+        """
+        self._check_batch(features, labels)
+        per_sample = F.cross_entropy(self.logits(features), labels.long(), ignore_index=-1, reduction="none")
+        return _masked_mean(per_sample, labels >= 0)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move every cluster in the batch towards its **least** similar batch sample.
+
+        ``c <- normalize(m c + (1 - m) f_hard)``, with ``f_hard`` the sample of that cluster with the
+        smallest ``f . c`` (ties: the earliest in the batch). Samples labelled ``-1`` are ignored.
+
+        Args:
+            features: ``[B, D]`` retrieval features (gathered from all processes under DDP).
+            labels: ``[B]`` pseudo-identity, ``-1`` = unassociated.
+        """
+        self._check_batch(features, labels)
+        device = self.centroids.device
+        x = features.detach().to(device=device, dtype=torch.float32)
+        labels = labels.to(device).long()
+        keep = labels >= 0
+        x, labels = x[keep], labels[keep]
+        if labels.numel() == 0:
+            return
+        c = self.num_clusters
+        sims = (x * self.centroids[labels]).sum(1)  # [B']
+        lowest = torch.full((c,), float("inf"), device=device).scatter_reduce(0, labels, sims, reduce="amin")
+        positions = torch.arange(labels.numel(), device=device)
+        candidate = torch.where(sims == lowest[labels], positions, labels.numel())
+        hardest = torch.full((c,), labels.numel(), device=device).scatter_reduce(0, labels, candidate, reduce="amin")
+        present = hardest < labels.numel()
+        clusters = present.nonzero().squeeze(1)
+        moved = self.momentum * self.centroids[clusters] + (1.0 - self.momentum) * x[hardest[clusters]]
+        self.centroids[clusters] = F.normalize(moved, dim=1)
+
+
+class IdentityClassifier(nn.Module):
+    """Cosine classifier over all ``N`` intra-camera identities (the global-ID classifier, METHOD.md §5).
+
+    Trained every iteration of stages 2–3 on *detached* features (scale ``s``, margin 0) with its own
+    optimiser; its cosines of non-detached features drive the camera-adversarial loss.
+
+    Args:
+        num_identities: ``N``.
+        feature_dim: ``D``.
+        scale: ``s`` of the classification loss.
+    """
+
+    def __init__(self, num_identities: int, feature_dim: int, scale: float = 16.0):
+        super().__init__()
+        if num_identities <= 0 or feature_dim <= 0:
+            raise ValueError(f"num_identities and feature_dim must be positive, got {num_identities}, {feature_dim}")
+        self.num_identities = num_identities
+        self.feature_dim = feature_dim
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(num_identities, feature_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random unit directions (the weights are L2-normalised in use, so only directions matter)."""
+        nn.init.normal_(self.weight, std=0.01)
+
+    def extra_repr(self) -> str:
+        return f"num_identities={self.num_identities}, feature_dim={self.feature_dim}, scale={self.scale}"
+
+    def cosines(self, features: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
+        """``[B, D]`` → ``[B, N]`` fp32 cosines between features and class weights.
+
+        With ``detach_weight`` no gradient reaches the classifier (used by the adversarial loss, whose
+        gradient must only move the encoder).
+        """
+        _check_matrix(features, "features", cols=self.feature_dim)
+        weight = self.weight.detach() if detach_weight else self.weight
+        with fp32_region(features.device):
+            return F.normalize(features.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` → ``[B, N]`` cosines (see `cosines`)."""
+        return self.cosines(features)
+
+    def classification_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``s * cos`` (margin 0) on **detached** features ``[B, D]``; ``[B]`` labels.
+
+        The features are detached here, so this loss only trains the classifier weights.
+        """
+        _check_matrix(features, "features", cols=self.feature_dim)
+        _check_labels(intra_ids, "intra_ids", features.shape[0], upper=self.num_identities)
+        logits = self.scale * self.cosines(features.detach())
+        return F.cross_entropy(logits, intra_ids.long())

@@ -1,0 +1,269 @@
+"""Memories and the global-ID classifier (METHOD.md §4, §5) against slow loops written from the spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ccafl_hf.memory import CameraMemory, ClusterMemory, IdentityClassifier
+
+IDENTITY_CAMIDS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+N, D = IDENTITY_CAMIDS.numel(), 6
+
+
+def _features(m: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(m, D, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def _initialized_memory(num_instances: int = 4, seed: int = 0) -> tuple[CameraMemory, torch.Tensor, torch.Tensor]:
+    ids = torch.cat([torch.arange(N), torch.randint(0, N, (30,), generator=torch.Generator().manual_seed(seed))])
+    feats = _features(len(ids), seed + 1)
+    memory = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=num_instances, momentum=0.1, temperature=0.05)
+    memory.initialize(feats, ids, generator=torch.Generator().manual_seed(seed + 2))
+    return memory, feats, ids
+
+
+# ----------------------------------------------------------------------------------------------
+# CameraMemory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_camera_memory_initialize_matches_loop():
+    memory, feats, ids = _initialized_memory()
+    assert bool(memory.initialized) and (memory.pointers == 0).all()
+    for n in range(N):
+        own = feats[ids == n]
+        torch.testing.assert_close(memory.centroids[n], F.normalize(own.mean(0), dim=0))
+        for slot in range(memory.num_instances):  # every slot holds one of the identity's own features
+            assert ((own - memory.instances[n, slot]).abs().amax(1) == 0).any()
+
+
+def test_camera_memory_initialize_is_reproducible_and_samples_all_rows():
+    ids = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8])
+    feats = _features(len(ids), 3)
+    a = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=64)
+    b = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=64)
+    a.initialize(feats, ids, generator=torch.Generator().manual_seed(7))
+    b.initialize(feats, ids, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a.instances, b.instances, rtol=0, atol=0)
+    for n in (1, 8):  # with 64 draws every feature of a 2- or 3-feature identity is sampled
+        own = feats[ids == n]
+        hit = (a.instances[n].unsqueeze(1) == own.unsqueeze(0)).all(2).any(0)
+        assert hit.all()
+
+
+def test_camera_memory_initialize_requires_every_identity():
+    memory = CameraMemory(N, D, IDENTITY_CAMIDS)
+    with pytest.raises(ValueError, match="2 of 9 identities"):
+        memory.initialize(_features(7, 0), torch.arange(7))
+
+
+def _ref_update(centroids, instances, pointers, feats, ids, momentum):
+    """Sequential rule: each sample in batch order takes its identity's pointer slot, pointer += 1."""
+    centroids, instances, pointers = centroids.clone(), instances.clone(), pointers.clone()
+    slots = instances.shape[1]
+    for b in range(len(ids)):
+        y = int(ids[b])
+        instances[y, pointers[y]] = feats[b]
+        pointers[y] = (pointers[y] + 1) % slots
+    for y in set(ids.tolist()):
+        mean = feats[ids == y].mean(0)
+        centroids[y] = F.normalize(momentum * centroids[y] + (1 - momentum) * mean, dim=0)
+    return centroids, instances, pointers
+
+
+def test_camera_memory_update_matches_loop():
+    memory, _, _ = _initialized_memory(num_instances=3)
+    state = (memory.centroids.clone(), memory.instances.clone(), memory.pointers.clone())
+    for step in range(3):  # identity 4 appears 5 times (> I = 3) in every batch: wrap-around
+        ids = torch.tensor([4, 0, 4, 4, 8, 4, 0, 4, 2])
+        feats = _features(len(ids), 10 + step)
+        memory.update(feats, ids)
+        state = _ref_update(*state, feats, ids, 0.1)
+        torch.testing.assert_close(memory.centroids, state[0])
+        torch.testing.assert_close(memory.instances, state[1], rtol=0, atol=0)
+        assert torch.equal(memory.pointers, state[2])
+    assert torch.allclose(memory.centroids.norm(dim=1), torch.ones(N))
+    untouched = [1, 3, 5, 6, 7]
+    fresh, _, _ = _initialized_memory(num_instances=3)
+    torch.testing.assert_close(memory.centroids[untouched], fresh.centroids[untouched])
+
+
+def test_camera_memory_requires_initialize():
+    memory = CameraMemory(N, D, IDENTITY_CAMIDS)
+    with pytest.raises(RuntimeError, match="initialize"):
+        memory.centroid_loss(_features(2, 0), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="initialize"):
+        memory.update(_features(2, 0), torch.tensor([0, 1]))
+
+
+def _ref_memory_losses(memory: CameraMemory, feats: torch.Tensor, ids: torch.Tensor):
+    tau = memory.temperature
+    centroid, instance = [], []
+    for b in range(len(ids)):
+        y = int(ids[b])
+        own = [n for n in range(N) if IDENTITY_CAMIDS[n] == IDENTITY_CAMIDS[y]]
+        target = torch.tensor([own.index(y)])
+        logits = torch.stack([feats[b] @ memory.centroids[n] / tau for n in own])
+        centroid.append(F.cross_entropy(logits.unsqueeze(0), target))
+        hard = []
+        for n in own:
+            sims = torch.stack([feats[b] @ memory.instances[n, i] for i in range(memory.num_instances)])
+            hard.append((sims.min() if n == y else sims.max()) / tau)
+        instance.append(F.cross_entropy(torch.stack(hard).unsqueeze(0), target))
+    return torch.stack(centroid).mean(), torch.stack(instance).mean()
+
+
+def test_camera_memory_losses_and_gradients_match_loop():
+    memory, _, _ = _initialized_memory(num_instances=5)
+    ids = torch.tensor([0, 0, 2, 3, 3, 4, 5, 8, 8, 8])
+    feats = _features(len(ids), 20)
+    x1, x2 = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    got_c, got_i = memory.centroid_loss(x1, ids), memory.hard_instance_loss(x1, ids)
+    ref_c, ref_i = _ref_memory_losses(memory, x2, ids)
+    torch.testing.assert_close(got_c, ref_c)
+    torch.testing.assert_close(got_i, ref_i)
+    (0.6 * got_c + 0.4 * got_i).backward()
+    (0.6 * ref_c + 0.4 * ref_i).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(memory.loss(feats, ids, centroid_weight=0.6), 0.6 * ref_c + 0.4 * ref_i)
+    torch.testing.assert_close(memory.loss(feats, ids, centroid_weight=0.0), ref_i)
+
+
+def test_camera_memory_state_dict_round_trip():
+    memory, _, _ = _initialized_memory(num_instances=3)
+    memory.update(_features(4, 30), torch.tensor([0, 0, 5, 7]))
+    state = memory.state_dict()
+    assert set(state) == {"centroids", "instances", "identity_camids", "pointers", "initialized"}
+    restored = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=3)
+    restored.load_state_dict(state)
+    for name, value in state.items():
+        assert torch.equal(getattr(restored, name), value), name
+
+
+def test_camera_memory_bf16_and_autocast():
+    memory, _, _ = _initialized_memory()
+    ids = torch.tensor([0, 3, 5, 5])
+    feats = _features(4, 40).bfloat16().requires_grad_(True)
+    loss = memory.loss(feats, ids)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert feats.grad.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = memory.loss(feats.detach().float(), ids)
+    torch.testing.assert_close(mixed, memory.loss(feats.detach().float(), ids))
+    memory.update(feats.detach(), ids)  # bf16 features are written into the fp32 buffers
+    assert memory.instances.dtype == torch.float32
+
+
+def test_camera_memory_bad_inputs():
+    with pytest.raises(ValueError, match="identity_camids"):
+        CameraMemory(N, D, IDENTITY_CAMIDS[:-1])
+    memory, _, _ = _initialized_memory()
+    with pytest.raises(ValueError, match="columns"):
+        memory.update(torch.randn(2, D + 1), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="intra_ids"):
+        memory.centroid_loss(torch.randn(2, D), torch.tensor([0, N]))
+    with pytest.raises(ValueError, match="intra_ids"):
+        memory.hard_instance_loss(torch.randn(2, D), torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# ClusterMemory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cluster_memory_loss_matches_loop():
+    memory = ClusterMemory(D, momentum=0.1, temperature=0.05)
+    memory.reset(torch.randn(4, D))
+    assert memory.num_clusters == 4
+    torch.testing.assert_close(memory.centroids.norm(dim=1), torch.ones(4))
+    feats, labels = _features(8, 50), torch.tensor([0, 1, -1, 3, 3, -1, 2, 0])
+    ref = torch.stack([
+        F.cross_entropy((feats[b] @ memory.centroids.t() / 0.05).unsqueeze(0), labels[b:b + 1])
+        for b in range(8) if labels[b] >= 0
+    ]).mean()
+    torch.testing.assert_close(memory.loss(feats, labels), ref)
+    x = feats.clone().requires_grad_(True)
+    empty = memory.loss(x, torch.full((8,), -1))
+    empty.backward()
+    assert empty.item() == 0.0 and (x.grad == 0).all()
+
+
+def test_cluster_memory_update_uses_least_similar_sample():
+    memory = ClusterMemory(D, momentum=0.1)
+    memory.reset(torch.randn(5, D, generator=torch.Generator().manual_seed(60)))
+    before = memory.centroids.clone()
+    feats, labels = _features(10, 61), torch.tensor([0, 2, 2, -1, 0, 4, 2, 0, -1, 4])
+    feats[3] = -before[0]  # unlabelled: must be ignored although it is the least similar to cluster 0
+    memory.update(feats, labels)
+    expected = before.clone()
+    for c in set(labels.tolist()) - {-1}:
+        members = [b for b in range(10) if labels[b] == c]
+        hardest = min(members, key=lambda b: float(feats[b] @ before[c]))
+        expected[c] = F.normalize(0.1 * before[c] + 0.9 * feats[hardest], dim=0)
+    torch.testing.assert_close(memory.centroids, expected)
+
+
+def test_cluster_memory_state_dict_with_different_num_clusters():
+    source = ClusterMemory(D)
+    source.reset(torch.randn(7, D))
+    target = ClusterMemory(D)
+    target.reset(torch.randn(3, D))
+    target.load_state_dict(source.state_dict())
+    assert target.num_clusters == 7 and torch.equal(target.centroids, source.centroids)
+    empty = ClusterMemory(D)
+    assert empty.num_clusters == 0
+    empty.load_state_dict(source.state_dict())
+    assert empty.num_clusters == 7
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        ClusterMemory(D + 1).load_state_dict(source.state_dict())
+
+
+def test_cluster_memory_bad_inputs():
+    memory = ClusterMemory(D)
+    with pytest.raises(RuntimeError, match="reset"):
+        memory.loss(torch.randn(2, D), torch.tensor([0, -1]))
+    memory.reset(torch.randn(3, D))
+    with pytest.raises(ValueError, match="labels"):
+        memory.loss(torch.randn(2, D), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="columns"):
+        memory.reset(torch.randn(3, D + 2))
+    loss = memory.loss(torch.randn(2, D).bfloat16(), torch.tensor([0, 2]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# IdentityClassifier
+# ----------------------------------------------------------------------------------------------
+
+
+def test_identity_classifier_cosines_and_loss():
+    torch.manual_seed(0)
+    classifier = IdentityClassifier(N, D, scale=16.0)
+    feats = torch.randn(5, D, requires_grad=True)
+    ids = torch.tensor([0, 3, 3, 8, 1])
+    cos = classifier(feats)
+    ref = torch.stack([torch.stack([F.cosine_similarity(feats[b], classifier.weight[n], dim=0) for n in range(N)])
+                       for b in range(5)])
+    torch.testing.assert_close(cos, ref)
+    loss = classifier.classification_loss(feats, ids)
+    torch.testing.assert_close(loss, F.cross_entropy(16.0 * ref, ids))
+    loss.backward()
+    assert feats.grad is None  # trained on detached features only
+    assert classifier.weight.grad is not None and torch.isfinite(classifier.weight.grad).all()
+    classifier.zero_grad()
+    classifier.cosines(feats, detach_weight=True).sum().backward()
+    assert classifier.weight.grad is None and feats.grad is not None
+
+
+def test_identity_classifier_bf16_and_bad_inputs():
+    classifier = IdentityClassifier(N, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos = classifier(torch.randn(3, D).bfloat16())
+    assert cos.dtype == torch.float32
+    with pytest.raises(ValueError, match="columns"):
+        classifier(torch.randn(3, D + 1))
+    with pytest.raises(ValueError, match="intra_ids"):
+        classifier.classification_loss(torch.randn(3, D), torch.tensor([0, 1]))
