@@ -19,3 +19,19 @@ def tiny_model():
 
     model, processor = create_tiny_model(seed=0)
     return model.eval(), processor
+
+
+SMALL_SYNTHETIC = dict(
+    num_train_identities=24, num_test_identities=16, num_cameras=3, images_per_identity_per_camera=3,
+    num_distractors=6, image_size=(64, 32), seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory):
+    """A small synthetic multi-camera dataset (DatasetDict) and its summary."""
+    from ccafl_hf.data import dataset_summary, load_reid_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "small"
+    dataset = load_reid_dataset("synthetic", root, **SMALL_SYNTHETIC)
+    return dataset, dataset_summary(dataset)

@@ -33,10 +33,13 @@ def build_train_transform(
     erasing_p: float = 0.5,
     erasing_scale: tuple[float, float] = (0.02, 0.4),
     erasing_ratio: tuple[float, float] = (0.3, 3.33),
+    color_jitter: float = 0.0,
 ) -> v2.Compose:
     """Bicubic resize to ``height × width``, horizontal flip (``flip_p``), zero-pad ``padding`` and
     random crop back, scale to [0, 1], normalise, random erasing (``erasing_p``, area
     ``erasing_scale``, aspect ``erasing_ratio``; erased pixels become 0, the mean colour).
+    ``color_jitter > 0`` adds brightness/contrast/saturation jitter of that strength and hue jitter
+    of a quarter of it (an extension, off in METHOD.md's recipe).
 
     Returns:
         a callable PIL image → ``[3, height, width]`` float32 tensor (random; uses torch's RNG, which
@@ -51,6 +54,10 @@ def build_train_transform(
         steps.append(v2.RandomHorizontalFlip(p=flip_p))
     if padding > 0:
         steps += [v2.Pad(padding), v2.RandomCrop((height, width))]
+    if color_jitter > 0:
+        strength = float(color_jitter)
+        steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength,
+                                    hue=min(0.5, strength / 4)))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if erasing_p > 0:
         steps.append(v2.RandomErasing(p=erasing_p, scale=erasing_scale, ratio=erasing_ratio, value=0))

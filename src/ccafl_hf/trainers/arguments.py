@@ -68,6 +68,11 @@ class CCAFLTrainingArguments(TrainingArguments):
     triplet_margin: float = field(default=0.3, **_help("Margin of the triplet losses."))
     label_smoothing: float = field(default=0.1, **_help("Label smoothing of the image–text losses."))
     association_rate: float = field(default=1.7, **_help("M = rate × N closest cross-camera pairs considered."))
+    association_camera_centering: bool = field(
+        default=False,
+        **_help("Extension (not in the paper): subtract each camera's mean identity feature before association. "
+                "Helps towers without CLIP's camera robustness (the random tiny demo model)."),
+    )
     ical_image_text_start_epoch: int = field(default=10, **_help("First loop epoch of the inter-camera image–text loss."))
     adversarial_start_epoch: int = field(default=40, **_help("First loop epoch of the adversarial loss."))
     adversarial_end_epoch: int = field(default=49, **_help("Last loop epoch (inclusive) of the adversarial loss."))

@@ -17,6 +17,16 @@ from .icdl import _mixed_precision
 logger = logging.getLogger(__name__)
 
 
+def camera_centered(features: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+    """Subtract each camera's mean row from ``features [N, D]`` (cameras ``[N]``) and L2-normalise."""
+    cameras = cameras.long().to(features.device)
+    num_cameras = int(cameras.max()) + 1
+    sums = torch.zeros(num_cameras, features.shape[1], device=features.device, dtype=features.dtype)
+    sums.index_add_(0, cameras, features)
+    counts = torch.bincount(cameras, minlength=num_cameras).clamp_min(1).to(features.dtype)
+    return F.normalize(features - (sums / counts[:, None])[cameras], dim=1)
+
+
 def identity_mean_features(features: torch.Tensor, intra_ids: torch.Tensor, num_identities: int) -> torch.Tensor:
     """L2-normalised mean feature ``[N, D]`` of each intra-camera identity from image features ``[M, D]``."""
     sums = torch.zeros(num_identities, features.shape[1], device=features.device, dtype=torch.float32)
@@ -73,8 +83,13 @@ class ICALTrainer(CCAFLStageTrainer):
         pairs = None
         if self.accelerator.is_main_process:
             num_pairs = int(round(args.association_rate * num_identities))
+            search_features = (
+                camera_centered(identity_features, module.identity_camids)
+                if args.association_camera_centering
+                else identity_features
+            )
             result, pairs = associate_across_cameras(
-                identity_features, module.identity_camids.cpu().numpy(), num_pairs, return_pairs=True
+                search_features, module.identity_camids.cpu().numpy(), num_pairs, return_pairs=True
             )
             labels = torch.as_tensor(result, dtype=torch.long, device=identity_features.device)
         labels = broadcast(labels, from_process=0)
@@ -91,4 +106,4 @@ class ICALTrainer(CCAFLStageTrainer):
         return labels_np
 
 
-__all__ = ["ICALTrainer", "identity_mean_features"]
+__all__ = ["ICALTrainer", "camera_centered", "identity_mean_features"]
