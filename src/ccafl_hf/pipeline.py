@@ -141,7 +141,7 @@ def run_training(
 
     Returns the content of ``eval_results.json``.
     """
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.use_cpu)
     resuming = prepare_output_dir(model_args, data_args, args)
     out = Path(args.output_dir)
     if accelerator.is_main_process:

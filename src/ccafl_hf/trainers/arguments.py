@@ -94,6 +94,8 @@ class CCAFLTrainingArguments(TrainingArguments):
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
     def __post_init__(self):
+        if _multi_process_without_accelerator():
+            self.use_cpu = True  # several CPU processes (gloo): accelerate needs to be told
         super().__post_init__()
         self.stage_list = parse_stages(self.stages)
         if self.remove_unused_columns:
@@ -145,6 +147,14 @@ class CCAFLTrainingArguments(TrainingArguments):
                 "dataloader_drop_last": True,
             }
         return dataclasses.replace(self, **common, **specific)
+
+
+def _multi_process_without_accelerator() -> bool:
+    """True under a multi-process launcher (torchrun / accelerate launch) on a machine without a GPU."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and not torch.cuda.is_available()
 
 
 def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -32,6 +32,7 @@ class LossSwitches:
     image_text: bool = True
     triplet: bool = True
     adversarial: bool = False
+    classifier: bool = True
 
 
 class CCAFLForTraining(nn.Module):
@@ -122,7 +123,8 @@ class CCAFLForTraining(nn.Module):
                     same_camera_tau=args.adversarial_tau, epsilon=args.adversarial_epsilon,
                 ) if associated.any() else feats.sum() * 0.0
         # the global-ID classifier trains every iteration of stages 2 and 3, on detached features
-        losses["classifier"] = self.classifier.classification_loss(feats.detach(), intra_ids)
+        if on.classifier:
+            losses["classifier"] = self.classifier.classification_loss(feats.detach(), intra_ids)
 
         total = sum(losses.values())
         result = {name: value.detach() for name, value in losses.items()}

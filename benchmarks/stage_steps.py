@@ -1,0 +1,111 @@
+"""ICDL / ICAL step time against a plain classification step (issues 6 and 7 targets).
+
+All in one run, same batch, same model (CLIP ViT-B/16 architecture, random init, 256×128, batch 32):
+
+* baseline: vision tower forward + backward with a linear cross-entropy head, Adam step;
+* ICDL step: `CCAFLForTraining` forward with every stage-2 loss (camera memories with N
+  identities, image–text, triplets, global-ID classifier), backward, Adam step, memory update;
+  target ICDL / baseline <= 1.10;
+* ICAL step with vs without the adversarial loss and the classifier; target overhead <= 5 %.
+
+    python benchmarks/stage_steps.py            # ViT-B/16 (slow on 2 CPU cores: a few minutes)
+    python benchmarks/stage_steps.py --quick    # tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ccafl_hf import CCAFLConfig, CCAFLModel, create_tiny_model
+from ccafl_hf.pipeline import _set_trainable_for_image_stages
+from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--num_identities", type=int, default=3262)
+    parser.add_argument("--num_cameras", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.quick:
+        model, _ = create_tiny_model()
+    else:
+        model = CCAFLModel(CCAFLConfig(
+            vision_config={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                           "patch_size": 16, "intermediate_size": 3072},
+            projection_dim=512, image_size=(256, 128),
+        ))
+    _set_trainable_for_image_stages(model)
+    model.train()
+    n, b = args.num_identities, args.batch_size
+    identity_camids = torch.arange(n) * args.num_cameras // n
+    training_args = CCAFLTrainingArguments(output_dir="/tmp/ccafl-bench", memory_instances=32, report_to="none")
+    text = F.normalize(torch.randn(n, model.projection_dim), dim=1)
+    module = CCAFLForTraining(model, identity_camids, text, training_args)
+    dim = model.reid_feature_dim
+    module.camera_memory.initialize(F.normalize(torch.randn(4 * n, dim), dim=1), torch.arange(n).repeat(4))
+    # ICAL state: pairs of identities from different cameras form pseudo-identities
+    pseudo = torch.full((n,), -1)
+    half = n // 2
+    pseudo[:half] = torch.arange(half)
+    pseudo[half:2 * half] = torch.arange(half)
+    module.set_pseudo_labels(pseudo, F.normalize(torch.randn(n, dim), dim=1))
+
+    pixels = torch.randn(b, 3, *model.config.image_size)
+    intra_ids = torch.randint(0, half, (b // 4,)).repeat_interleave(4)
+    camids = identity_camids[intra_ids]
+
+    head = torch.nn.Linear(model.vision_embed_dim, n)
+    base_params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    base_opt = torch.optim.Adam(base_params, lr=1e-5)
+
+    def baseline() -> None:
+        pooled = model.vision_model(pixel_values=pixels).pooler_output
+        loss = F.cross_entropy(head(pooled), intra_ids)
+        base_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        base_opt.step()
+
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+
+    def stage_step() -> None:
+        out = module(pixel_values=pixels, intra_ids=intra_ids, camids=camids)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        module.update_memories(out["reid_features"], intra_ids)
+
+    t_base = _median_time(baseline, args.repeats)
+    module.stage = "icdl"
+    t_icdl = _median_time(stage_step, args.repeats)
+    module.stage = "ical"
+    module.switches.image_text = True
+    module.switches.adversarial, module.switches.classifier = False, False
+    t_ical_plain = _median_time(stage_step, args.repeats)
+    module.switches.adversarial, module.switches.classifier = True, True
+    t_ical_adv = _median_time(stage_step, args.repeats)
+    print(f"baseline (vision fwd+bwd + CE head): {t_base * 1e3:.0f} ms")
+    print(f"ICDL step: {t_icdl * 1e3:.0f} ms  ->  ratio ICDL / baseline = {t_icdl / t_base:.3f}  (target <= 1.10)")
+    print(f"ICAL step without / with adversarial + classifier: {t_ical_plain * 1e3:.0f} / {t_ical_adv * 1e3:.0f} ms"
+          f"  ->  overhead {100 * (t_ical_adv / t_ical_plain - 1):+.1f} %  (target <= 5 %)")
+
+
+if __name__ == "__main__":
+    main()

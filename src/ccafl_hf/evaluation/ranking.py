@@ -1,0 +1,416 @@
+"""Market-1501-protocol retrieval metrics (METHOD.md §1) that scale to MSMT17 and beyond.
+
+Protocol: for every query, the gallery images with the same identity **and** the same camera are
+removed; the remaining gallery images with the query's identity are its *positives* (distractors,
+pid 0, stay in the gallery as negatives; no other id is special). Queries without a positive are
+skipped and counted. Every metric is a function of the 0-based ranks ``r_1 < … < r_n`` of a query's
+``n`` positives in its filtered, ascending ranking:
+
+* AP = (1/n) Σ_k k / (r_k + 1);  CMC@K = 1 if r_1 < K;  INP = n / (r_n + 1)  (Ye et al., TPAMI 2021).
+
+So no row is ever sorted. Queries are processed in chunks; for a chunk the distances to the whole
+gallery are computed (one ``addmm``), same-camera same-identity entries are set to ``+inf``, the few
+positive distances are sorted, and one batched ``torch.searchsorted`` of the row against them (plus
+a ``bincount``) gives, for each positive, how many valid gallery entries lie below it - its rank.
+
+Ties are broken as a **stable** ascending sort of the row would: by gallery index. The fast path
+detects rows in which a positive shares its distance with another valid entry (the positives are
+interleaved with their float successors, so equal values fall in their own bucket) and ranks just
+those rows with a stable sort. The dense `evaluate_rank` uses the same kernel, so it and
+`compute_reid_metrics` agree exactly on equal distances.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+DistanceMetric = Literal["cosine", "euclidean"]
+_METRICS = ("cosine", "euclidean")
+# Bytes of scratch (distances + int32 bucket ids) per query chunk when chunk_size is None.
+_CHUNK_BYTES = 512 * 2**20
+
+ArrayLike = Any  # numpy array, torch tensor or a sequence of numbers
+
+
+# ----------------------------------------------------------------------------------------- input checks
+def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise ValueError(f"{name} must be a numpy array, a torch tensor or a sequence of numbers") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def check_features(x: ArrayLike, name: str) -> torch.Tensor:
+    """Validate features ``[N, D]``: 2-D, non-empty, finite real numbers. Returns a float tensor.
+
+    float64 stays float64; every other dtype becomes float32 (half-precision products lose ranks).
+    """
+    t = _as_tensor(x, name)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [num_images, dim], got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: expected at least one row [num_images >= 1, dim]")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one feature column, got shape {tuple(t.shape)}")
+    if t.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if t.dtype != torch.float64:
+        t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; expected finite features")
+    return t
+
+
+def check_ids(x: ArrayLike, name: str, length: int, length_of: str, device: torch.device) -> torch.Tensor:
+    """Validate a 1-D vector of integer ids with ``length`` entries; returns int64 on ``device``."""
+    t = _as_tensor(x, name)
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of integer ids, got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            raise ValueError(f"{name} must hold integer ids, got non-integer values (dtype {t.dtype})")
+    elif t.is_complex():
+        raise ValueError(f"{name} must hold integer ids, got dtype {t.dtype}")
+    if t.shape[0] != length:
+        raise ValueError(f"{name} has {t.shape[0]} entries but {length_of} has {length}; they must match")
+    return t.to(device=device, dtype=torch.int64)
+
+
+def check_metric(metric: str) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    return metric
+
+
+def _check_max_rank(max_rank: int) -> int:
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    return int(max_rank)
+
+
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+# -------------------------------------------------------------------------------------------- distances
+def prepare_features(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Features ready for `pairwise_distance(..., prepared=True)`: L2-normalised rows for cosine."""
+    return F.normalize(x, dim=1) if metric == "cosine" else x
+
+
+def pairwise_distance(
+    x: ArrayLike,
+    y: ArrayLike,
+    metric: DistanceMetric = "cosine",
+    *,
+    prepared: bool = False,
+    y_sq_norms: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distances ``[M, N]`` between the rows of ``x [M, D]`` and ``y [N, D]``.
+
+    ``"cosine"``: ``1 - cos`` (rows are L2-normalised first unless ``prepared``); ``"euclidean"``:
+    the Euclidean distance ``‖x - y‖₂`` (not squared). Computed with one ``addmm`` on the inputs'
+    device; ``out`` (``[M, N]``, contiguous) avoids an allocation. ``y_sq_norms [N]`` may be passed
+    to skip recomputing ``‖y‖²`` for Euclidean distances.
+    """
+    metric = check_metric(metric)
+    if not prepared:
+        x = prepare_features(check_features(x, "x"), metric)
+        y = prepare_features(check_features(y, "y"), metric).to(device=x.device, dtype=x.dtype)
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
+    if metric == "cosine":
+        return torch.addmm(x.new_ones(()), x, y.T, beta=1.0, alpha=-1.0, out=out)
+    if y_sq_norms is None:
+        y_sq_norms = y.pow(2).sum(1)
+    d = torch.addmm(y_sq_norms[None, :], x, y.T, beta=1.0, alpha=-2.0, out=out)
+    return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
+
+
+# ----------------------------------------------------------------------------------- gallery by identity
+class _GalleryIndex:
+    """Gallery entries grouped by identity, to find each query's positives and same-camera entries."""
+
+    def __init__(self, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor):
+        self.g_camids = g_camids
+        self.order = torch.argsort(g_pids, stable=True)
+        sorted_pids = g_pids[self.order]
+        self.unique_pids, self.counts = torch.unique_consecutive(sorted_pids, return_counts=True)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        # Number of positives per query = #same pid - #same (pid, camera), from integer keys.
+        pid_vocab = torch.unique(torch.cat((q_pids, g_pids)))
+        cam_vocab = torch.unique(torch.cat((q_camids, g_camids)))
+        num_cams = cam_vocab.numel()
+
+        def key(pids: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+            return torch.searchsorted(pid_vocab, pids) * num_cams + torch.searchsorted(cam_vocab, cams)
+
+        g_keys = torch.sort(key(g_pids, g_camids)).values
+        q_keys = key(q_pids, q_camids)
+        same_pid_cam = torch.searchsorted(g_keys, q_keys, right=True) - torch.searchsorted(g_keys, q_keys)
+        self.num_positives = self._group(q_pids)[1] - same_pid_cam
+
+    def _group(self, pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = torch.searchsorted(self.unique_pids, pids).clamp_(max=self.unique_pids.numel() - 1)
+        found = self.unique_pids[loc] == pids
+        return self.starts[loc], torch.where(found, self.counts[loc], torch.zeros_like(loc))
+
+    def lookup(self, pids: torch.Tensor, camids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For queries ``[B]``: gallery indices of same-pid entries ``[B, P]`` (padded with 0), the
+        positive mask (other camera) and the junk mask (same camera), both ``[B, P]``."""
+        start, count = self._group(pids)
+        width = max(int(count.max()), 1)
+        slot = torch.arange(width, device=pids.device)
+        member = slot[None, :] < count[:, None]
+        pos = (start[:, None] + slot[None, :]).clamp_(max=self.order.numel() - 1)
+        index = torch.where(member, self.order[pos], torch.zeros_like(pos))
+        same_cam = self.g_camids[index] == camids[:, None]
+        return index, member & ~same_cam, member & same_cam
+
+
+# ------------------------------------------------------------------------------------ the ranking kernel
+def _positive_ranks(
+    dist: torch.Tensor, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor, bucket_buf: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks of each query's positives among its valid gallery entries.
+
+    ``dist [B, G]`` (contiguous; modified in place: junk entries become ``+inf``), ``index [B, P]``
+    gallery indices with masks ``positive``/``junk [B, P]``, ``bucket_buf`` int32 scratch ``>= B*G``.
+    Returns ``(ranks [B, P] int64 ascending, padded with G; num_positives [B])``; ties are broken by
+    gallery index (stable-sort order).
+    """
+    b, g = dist.shape
+    device = dist.device
+    if bool(junk.any()):
+        rows, cols = junk.nonzero(as_tuple=True)
+        dist[rows, index[rows, cols]] = math.inf
+    pos_d = dist.gather(1, index).masked_fill_(~positive, math.inf)
+    pos_d, order = torch.sort(pos_d, dim=1, stable=True)
+    pos_g = index.gather(1, order)
+    num_pos = positive.sum(1)
+    p = index.shape[1]
+    valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
+    # Boundaries pos_0, next(pos_0), pos_1, next(pos_1), ...: an entry equal to pos_k lands in bucket
+    # 2k+1, an entry below pos_k in a bucket <= 2k (searchsorted right: #boundaries <= value).
+    bounds = torch.stack((pos_d, torch.nextafter(pos_d, torch.full_like(pos_d, math.inf))), dim=2).view(b, 2 * p)
+    buckets = bucket_buf[: b * g].view(b, g)
+    torch.searchsorted(bounds, dist, right=True, out_int32=True, out=buckets)
+    width = 2 * p + 1
+    buckets.add_(torch.arange(0, b * width, width, device=device, dtype=torch.int32)[:, None])
+    hist = torch.bincount(buckets.view(-1), minlength=b * width).view(b, width)
+    below = hist.cumsum(1)[:, 0 : 2 * p : 2]  # #entries < pos_k
+    equal = hist[:, 1::2]  # #entries == pos_k, the positive itself included
+    ranks = below.masked_fill(~valid, g)
+    tied = ((equal != 1) & valid).any(1) | ((pos_d[:, 1:] == pos_d[:, :-1]) & valid[:, 1:]).any(1)
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        sub = dist[rows]
+        order = torch.sort(sub, dim=1, stable=True).indices
+        position = torch.empty_like(order)
+        position.scatter_(1, order, torch.arange(g, device=device).expand_as(order).contiguous())
+        r = position.gather(1, pos_g[rows]).masked_fill_(~valid[rows], g)
+        ranks[rows] = torch.sort(r, dim=1).values
+    return ranks, num_pos
+
+
+class _MetricAccumulator:
+    """Sums of AP, INP and first-match histograms over query chunks."""
+
+    def __init__(self, max_rank: int, device: torch.device):
+        self.max_rank = max_rank
+        self.ap = torch.zeros((), dtype=torch.float64, device=device)
+        self.inp = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_hist = torch.zeros(max_rank + 1, dtype=torch.int64, device=device)
+        self.top = torch.zeros(3, dtype=torch.int64, device=device)  # first match < 1, 5, 10
+        self.count = 0
+
+    def add(self, ranks: torch.Tensor, num_pos: torch.Tensor) -> None:
+        p = ranks.shape[1]
+        valid = torch.arange(p, device=ranks.device)[None, :] < num_pos[:, None]
+        hits = torch.arange(1, p + 1, device=ranks.device, dtype=torch.float64)[None, :]
+        precision = (hits / (ranks.to(torch.float64) + 1.0)).masked_fill_(~valid, 0.0)
+        n = num_pos.to(torch.float64)
+        self.ap += (precision.sum(1) / n).sum()
+        last = ranks.gather(1, (num_pos - 1)[:, None]).squeeze(1)
+        self.inp += (n / (last.to(torch.float64) + 1.0)).sum()
+        first = ranks[:, 0]
+        self.first_hist += torch.bincount(first.clamp(max=self.max_rank), minlength=self.max_rank + 1)
+        self.top += (first[:, None] < torch.tensor([1, 5, 10], device=ranks.device)).sum(0)
+        self.count += ranks.shape[0]
+
+    def result(self, num_queries: int) -> dict:
+        n = self.count
+        cmc = (torch.cumsum(self.first_hist[: self.max_rank], 0).to(torch.float64) / n).tolist()
+        top = (self.top.to(torch.float64) / n).tolist()
+        return {
+            "mAP": float(self.ap) / n,
+            "mINP": float(self.inp) / n,
+            "rank1": top[0],
+            "rank5": top[1],
+            "rank10": top[2],
+            "cmc": cmc,
+            "num_valid_queries": n,
+            "num_skipped_queries": num_queries - n,
+        }
+
+
+def _select_valid_queries(index: _GalleryIndex, num_queries: int) -> torch.Tensor:
+    valid = index.num_positives > 0
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError(
+            "no valid query: no query has a gallery image with its pid in another camera "
+            "(check q_pids/g_pids and q_camids/g_camids)"
+        )
+    if num_valid < num_queries:
+        logger.info("%d of %d queries have no match in another camera and are skipped",
+                    num_queries - num_valid, num_queries)
+    return valid.nonzero().squeeze(1)
+
+
+def _auto_chunk(num_gallery: int, dist_bytes: int) -> int:
+    return max(1, _CHUNK_BYTES // (num_gallery * (dist_bytes + 4)))
+
+
+def _check_ids_all(q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int, q_name: str, g_name: str, device):
+    q_pids_t = check_ids(q_pids, "q_pids", num_q, q_name, device)
+    g_pids_t = check_ids(g_pids, "g_pids", num_g, g_name, device)
+    q_cam_t = check_ids(q_camids, "q_camids", num_q, q_name, device)
+    g_cam_t = check_ids(g_camids, "g_camids", num_g, g_name, device)
+    return q_pids_t, g_pids_t, q_cam_t, g_cam_t
+
+
+# ------------------------------------------------------------------------------------------- public API
+def evaluate_rank(
+    distmat: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    max_rank: int = 50,
+) -> dict:
+    """Market-1501-protocol metrics from a query×gallery distance matrix (smaller = more similar).
+
+    ``distmat [Q, G]`` (numpy or tensor, finite), ids ``q_pids/q_camids [Q]``, ``g_pids/g_camids [G]``.
+    Returns ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10`` (fractions in [0, 1]), ``cmc`` (list of
+    ``max_rank`` fractions; CMC@K for K = 1..max_rank), ``num_valid_queries`` and
+    ``num_skipped_queries`` (queries without a match in another camera). Ties: stable order.
+    """
+    max_rank = _check_max_rank(max_rank)
+    d = _as_tensor(distmat, "distmat")
+    if d.ndim != 2:
+        raise ValueError(f"distmat must be a 2-D array [num_query, num_gallery], got shape {tuple(d.shape)}")
+    if d.shape[0] == 0 or d.shape[1] == 0:
+        raise ValueError(f"distmat is empty (shape {tuple(d.shape)}); expected at least one query and one gallery item")
+    if d.dtype != torch.float64:
+        d = d.to(torch.float32)
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError("distmat contains NaN or infinite values; expected finite distances")
+    num_q, num_g = d.shape
+    ids = _check_ids_all(q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+                         "distmat.shape[0]", "distmat.shape[1]", d.device)
+    q_pids_t, g_pids_t, q_cam_t, g_cam_t = ids
+    index = _GalleryIndex(q_pids_t, g_pids_t, q_cam_t, g_cam_t)
+    queries = _select_valid_queries(index, num_q)
+    chunk = min(_auto_chunk(num_g, d.element_size()), queries.numel())
+    dist_buf = torch.empty(chunk * num_g, dtype=d.dtype, device=d.device)
+    bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=d.device)
+    acc = _MetricAccumulator(max_rank, d.device)
+    for rows in queries.split(chunk):
+        dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+        torch.index_select(d, 0, rows, out=dist)
+        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
+        acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
+    return acc.result(num_q)
+
+
+def compute_reid_metrics(
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    *,
+    metric: DistanceMetric = "cosine",
+    rerank: bool = False,
+    max_rank: int = 50,
+    chunk_size: int | None = None,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+) -> dict:
+    """Market-1501-protocol metrics from features, never holding the query×gallery matrix.
+
+    ``query_features [Q, D]``, ``gallery_features [G, D]`` (numpy or tensors; computed on the query
+    features' device, so on the GPU when they are there); ids as in `evaluate_rank`. ``metric``:
+    ``"cosine"`` (rows L2-normalised, distance ``1 - cos``) or ``"euclidean"``. With ``rerank`` the
+    distances are k-reciprocal re-ranked (`rerank_from_features`, parameters ``k1, k2,
+    lambda_value``). Queries are processed ``chunk_size`` at a time (default: ~512 MB of scratch).
+
+    Returns the same dict as `evaluate_rank` on the dense distance matrix
+    ``pairwise_distance(query_features, gallery_features, metric)`` (or its re-ranked version).
+    """
+    metric = check_metric(metric)
+    max_rank = _check_max_rank(max_rank)
+    chunk_size = _check_chunk_size(chunk_size)
+    qf = check_features(query_features, "query_features")
+    gf = check_features(gallery_features, "gallery_features")
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
+        )
+    dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
+    qf = qf.to(dtype)
+    gf = gf.to(device=qf.device, dtype=dtype)
+    num_q, num_g = qf.shape[0], gf.shape[0]
+    ids = _check_ids_all(q_pids, g_pids, q_camids, g_camids, num_q, num_g,
+                         "query_features", "gallery_features", qf.device)
+    q_pids_t, g_pids_t, q_cam_t, g_cam_t = ids
+    index = _GalleryIndex(q_pids_t, g_pids_t, q_cam_t, g_cam_t)
+    queries = _select_valid_queries(index, num_q)
+
+    qf = prepare_features(qf, metric)
+    gf = prepare_features(gf, metric)
+    reranker = None
+    if rerank:
+        from .rerank import rerank_from_features
+
+        reranker = rerank_from_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
+                                        _prepared=True)
+    g_sq = gf.pow(2).sum(1) if metric == "euclidean" else None
+    chunk = chunk_size or _auto_chunk(num_g, qf.element_size() * (3 if rerank else 1))
+    chunk = min(chunk, queries.numel())
+    dist_buf = torch.empty(chunk * num_g, dtype=dtype, device=qf.device)
+    bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=qf.device)
+    acc = _MetricAccumulator(max_rank, qf.device)
+    for rows in queries.split(chunk):
+        dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+        if reranker is None:
+            pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
+        else:
+            dist.copy_(reranker.distances(rows))
+        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
+        acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
+    return acc.result(num_q)
+
+
+__all__ = ["DistanceMetric", "compute_reid_metrics", "evaluate_rank", "pairwise_distance", "prepare_features"]
