@@ -69,16 +69,19 @@ def extract_features(
         dataset: map-style dataset of rows understood by ``collate_fn`` (returns a dict with
             ``pixel_values [B, 3, H, W]`` and integer label tensors).
         flip: average the features of the image and its horizontal flip (then renormalise).
-        accelerator: an `accelerate.Accelerator`; with several processes each rank embeds a
-            contiguous share and all ranks receive the full result.
+        accelerator: an `accelerate.Accelerator` or `PartialState` (None: the current state); with
+            several processes each rank embeds a contiguous share and all ranks receive the full result.
     Returns:
         [`ExtractedFeatures`] on the model's device.
     """
-    model = accelerator.unwrap_model(model) if accelerator is not None else getattr(model, "module", model)
+    from accelerate import PartialState
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
     device = model.device
     total = len(dataset)
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
+    state = accelerator if accelerator is not None else PartialState()
+    world, rank = state.num_processes, state.process_index
     share = -(-total // world)
     start, stop = min(rank * share, total), min((rank + 1) * share, total)
     subset = dataset if world == 1 else Subset(dataset, range(start, stop))
@@ -113,21 +116,20 @@ def extract_features(
     align_t = torch.cat(align) if align else None
     labels_t = {k: torch.cat(v) for k, v in labels.items()}
     if world > 1:
-        reid_t = _gather_rows(accelerator, reid_t, total, share)
-        align_t = _gather_rows(accelerator, align_t, total, share) if with_alignment else None
-        labels_t = {k: _gather_rows(accelerator, v, total, share) for k, v in labels_t.items()}
+        reid_t = _gather_rows(reid_t, total, share)
+        align_t = _gather_rows(align_t, total, share) if with_alignment else None
+        labels_t = {k: _gather_rows(v, total, share) for k, v in labels_t.items()}
     return ExtractedFeatures(reid_t, align_t, labels_t)
 
 
-def _gather_rows(accelerator, rows: torch.Tensor, total: int, share: int) -> torch.Tensor:
+def _gather_rows(rows: torch.Tensor, total: int, share: int) -> torch.Tensor:
     """Gather per-rank contiguous shares (padded to ``share`` rows) back into ``[total, ...]``."""
-    from accelerate.utils import pad_across_processes
+    from accelerate.utils import gather
 
-    padded = pad_across_processes(rows, dim=0)
-    if padded.shape[0] < share:
-        pad = torch.zeros(share - padded.shape[0], *padded.shape[1:], dtype=padded.dtype, device=padded.device)
-        padded = torch.cat([padded, pad])
-    gathered = accelerator.gather(padded.contiguous())
+    if rows.shape[0] < share:
+        pad = torch.zeros(share - rows.shape[0], *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        rows = torch.cat([rows, pad])
+    gathered = gather(rows.contiguous())
     return gathered[:total]  # only trailing ranks are short, so the padding sits at the end
 
 

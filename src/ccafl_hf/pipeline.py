@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from transformers import CLIPProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -141,15 +141,16 @@ def run_training(
 
     Returns the content of ``eval_results.json``.
     """
-    accelerator = Accelerator(cpu=args.use_cpu)
+    device = args.device  # sets up the (distributed) state of this process
+    process = PartialState()
     resuming = prepare_output_dir(model_args, data_args, args)
     out = Path(args.output_dir)
-    if accelerator.is_main_process:
+    if process.is_main_process:
         if args.overwrite_output_dir and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
-    accelerator.wait_for_everyone()
+    process.wait_for_everyone()
     set_seed(args.seed)
 
     try:
@@ -162,7 +163,7 @@ def run_training(
         raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
     model, processor = build_model(model_args)
-    model.to(accelerator.device)
+    model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
     train_collator = ReIDCollator(build_train_transform(height, width, mean, std))
@@ -173,7 +174,7 @@ def run_training(
         metrics = evaluate_reid_model(
             model, dataset["query"], dataset["gallery"], eval_collator, batch_size=args.per_device_eval_batch_size,
             num_workers=args.dataloader_num_workers, mixed_precision=mixed, flip=args.eval_flip,
-            rerank=args.eval_rerank, accelerator=accelerator,
+            rerank=args.eval_rerank,
         )
         summary = {k: float(metrics[k]) for k in METRIC_KEYS}
         logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
@@ -185,7 +186,7 @@ def run_training(
         stage_results["untrained"] = json.loads(untrained_file.read_text())
     else:
         stage_results["untrained"] = evaluate("untrained")
-        if accelerator.is_main_process:
+        if process.is_main_process:
             untrained_file.parent.mkdir(parents=True, exist_ok=True)
             untrained_file.write_text(json.dumps(stage_results["untrained"]))
 
@@ -206,15 +207,15 @@ def run_training(
         if stage == "prompt":
             model.requires_grad_(False)
             learner = IdentityPromptLearner(model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std)
-            learner.to(accelerator.device)
+            learner.to(device)
             if done:
                 learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
             else:
-                cache = FeatureCache.build(model, dataset["train"], eval_collator, args, accelerator)
+                cache = FeatureCache.build(model, dataset["train"], eval_collator, args)
                 trainer = PromptLearningTrainer(learner, stage_args, cache)
                 trainer.train(resume_from_checkpoint=resume)
-            text_features = learner.all_text_features().to(accelerator.device)
-            if accelerator.is_main_process and not done:
+            text_features = learner.all_text_features().to(device)
+            if process.is_main_process and not done:
                 learner.save_pretrained(final_dir / ADAPTER_DIR)
                 save_text_features(text_features, identity_camids, final_dir / TEXT_FEATURES_FILE)
         else:
@@ -222,14 +223,14 @@ def run_training(
                 text_features, _ = load_text_features(Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE)
             if module is None:
                 _set_trainable_for_image_stages(model)
-                module = CCAFLForTraining(model, identity_camids, text_features, args).to(accelerator.device)
+                module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
             if done:
-                module.load_state_dict(load_file(str(final_dir / STATE_FILE), device=str(accelerator.device)))
+                module.load_state_dict(load_file(str(final_dir / STATE_FILE), device=str(device)))
             else:
                 if stage == "ical" and resume is None and "icdl" in args.stage_list:
                     icdl_state = Path(args.stage_output_dir("icdl")) / "final" / STATE_FILE
                     if icdl_state.is_file():
-                        module.load_state_dict(load_file(str(icdl_state), device=str(accelerator.device)))
+                        module.load_state_dict(load_file(str(icdl_state), device=str(device)))
                 stage_args.ddp_find_unused_parameters = True
                 trainer_cls = ICDLTrainer if stage == "icdl" else ICALTrainer
                 extra = {"diagnostic_pids": info.identity_diagnostic_pids} if stage == "ical" else {}
@@ -238,26 +239,26 @@ def run_training(
                     epoch_offset=0 if stage == "icdl" else args.icdl_epochs, **extra,
                 )
                 trainer.train(resume_from_checkpoint=resume)
-                if accelerator.is_main_process:
+                if process.is_main_process:
                     final_dir.mkdir(parents=True, exist_ok=True)
-                    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-                    save_file(state, str(final_dir / STATE_FILE))
+                    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                    save_file(tensors, str(final_dir / STATE_FILE))
         if done:
             stage_results[stage] = json.loads((final_dir / EVAL_FILE).read_text())
         else:
             stage_results[stage] = evaluate(stage)
-            if accelerator.is_main_process:
+            if process.is_main_process:
                 final_dir.mkdir(parents=True, exist_ok=True)
                 (final_dir / EVAL_FILE).write_text(json.dumps(stage_results[stage]))
-        accelerator.wait_for_everyone()
+        process.wait_for_everyone()
 
     last = args.stage_list[-1] if args.stage_list else "untrained"
     results = {**stage_results[last], "stages": stage_results}
-    if accelerator.is_main_process:
+    if process.is_main_process:
         save_artifacts(model, processor, args, model_args, data_args, info, results)
         if args.push_to_hub:
             push_output_dir(args)
-    accelerator.wait_for_everyone()
+    process.wait_for_everyone()
     return results
 
 

@@ -395,11 +395,12 @@ def compute_reid_metrics(
         from .rerank import rerank_from_features
 
         reranker = rerank_from_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
-                                        _prepared=True)
+                                        prepared=True)
     g_sq = gf.pow(2).sum(1) if metric == "euclidean" else None
-    chunk = chunk_size or _auto_chunk(num_g, qf.element_size() * (3 if rerank else 1))
+    # re-ranking: float32 distances, overlap and float64 accumulation scratch per chunk
+    chunk = chunk_size or _auto_chunk(num_g, 16 if rerank else qf.element_size())
     chunk = min(chunk, queries.numel())
-    dist_buf = torch.empty(chunk * num_g, dtype=dtype, device=qf.device)
+    dist_buf = torch.empty(0 if rerank else chunk * num_g, dtype=dtype, device=qf.device)
     bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
     for rows in queries.split(chunk):
@@ -407,7 +408,7 @@ def compute_reid_metrics(
         if reranker is None:
             pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
         else:
-            dist.copy_(reranker.distances(rows))
+            dist = reranker.distances(rows)
         idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
         acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
     return acc.result(num_q)

@@ -30,6 +30,9 @@ class CCAFLTrainingArguments(TrainingArguments):
     """
 
     output_dir: str | None = field(default="outputs/ccafl-demo", metadata={"help": "Where checkpoints and the final model go."})
+    overwrite_output_dir: bool = field(
+        default=False, **_help("Replace the checkpoints of another run found in output_dir instead of refusing.")
+    )
     stages: str = field(default="prompt,icdl,ical", **_help("Comma-separated prefix of prompt,icdl,ical to run."))
     remove_unused_columns: bool = field(default=False, **_help("Keep camera/identity columns (must stay False)."))
     learning_rate: float = field(default=3.5e-4, **_help("Stages 2–3 base learning rate (Adam; biases ×2)."))
@@ -38,7 +41,6 @@ class CCAFLTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", **_help("Checkpoint every epoch (resume continues mid-stage)."))
     save_total_limit: int | None = field(default=2, **_help("Checkpoints kept per stage."))
     dataloader_drop_last: bool = field(default=True, **_help("Whole P×K batches only."))
-    report_to: str | list[str] | None = field(default="none", **_help("Integrations to report to (e.g. tensorboard)."))
 
     # ------------------------------------------------------------------ stage 1: prompt learning
     prompt_epochs: float = field(default=60, **_help("Stage-1 epochs over the cached features."))

@@ -1,0 +1,354 @@
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017), dense and from features at scale.
+
+Both paths compute exactly what the widely used reference implementation (``re_ranking(q_g, q_q,
+g_g, k1, k2, lambda_value)``, float32 variant) computes. With ``N = Q + G`` and the reference's
+normalised original distance ``d̃(i, j) = d(i, j)² / max_r d(r, i)²`` (its input distances squared,
+each column of the ``N × N`` matrix divided by its maximum, then transposed):
+
+1. ``F(i, k)`` = the first ``k`` entries of row ``i`` in ascending ``d̃`` order (``i`` itself first);
+   ``R(i, k) = {j ∈ F(i, k) : i ∈ F(j, k)}`` (k-reciprocal neighbours).
+2. ``E(i)`` = ``R(i, k1+1)`` plus ``R(c, round(k1/2)+1)`` for each ``c ∈ R(i, k1+1)`` whose half set
+   shares more than 2/3 of its members with ``R(i, k1+1)``.
+3. ``V[i, j] = exp(-d̃(i, j)) / Σ_{e ∈ E(i)} exp(-d̃(i, e))`` for ``j ∈ E(i)``, else 0; if ``k2 != 1``,
+   ``V[i] ← mean of V[j] over j ∈ F(i, k2)`` (local query expansion).
+4. ``S(q, g) = Σ_j min(V[q, j], V[g, j])``; Jaccard distance ``1 - S / (2 - S)``; final distance
+   ``(1 - λ)·jaccard + λ·d̃(q, g)`` for the query × gallery block.
+
+Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sparse (CSR) and only
+the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them from
+exact faiss search (`ccafl_hf.neighbors.exact_knn`), gets ``max_r d(r, i)`` from a farthest-neighbour
+search (cosine: the nearest neighbour of ``-x`` by inner product; Euclidean: a maximum inner product
+of ``[-2x, 1]`` against ``[y, ‖y‖²]``), and produces the re-ranked query × gallery distances one
+chunk of queries at a time, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
+
+Ties: the dense path orders neighbours with a stable sort (ties by index); the reference uses numpy's
+default (unstable) sort and faiss its own order, so on exactly tied distances the neighbour sets may
+differ. With continuous features they are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from ..neighbors import exact_knn
+from .ranking import (
+    ArrayLike,
+    DistanceMetric,
+    check_features,
+    check_metric,
+    pairwise_distance,
+    prepare_features,
+)
+
+logger = logging.getLogger(__name__)
+
+# Rows of the neighbour structure processed per block while building the expanded sets.
+_ROW_BLOCK = 8192
+# Feature pairs per block when computing distances of sparse (row, column) pairs.
+_PAIR_BLOCK = 1 << 16
+# Target number of (query, shared column, gallery) triples per Jaccard block.
+_TRIPLE_BLOCK = 1 << 23
+
+
+# ----------------------------------------------------------------------------------------- arguments
+def _check_params(k1: int, k2: int, lambda_value: float) -> tuple[int, int, float]:
+    for name, value in (("k1", k1), ("k2", k2)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    lam = float(lambda_value)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value!r}")
+    return int(k1), int(k2), lam
+
+
+def _half(k1: int) -> int:
+    """Size of the half neighbourhood, ``round(k1 / 2) + 1`` with numpy's round-half-to-even."""
+    return int(np.around(k1 / 2.0)) + 1
+
+
+# ---------------------------------------------------------------------------------------- sparse sets
+def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the ranges ``[starts[s], starts[s] + counts[s])``: returns (segment id, position)."""
+    counts = counts.astype(np.int64, copy=False)
+    seg = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    pos = np.arange(seg.size, dtype=np.int64) - first[seg] + starts.astype(np.int64, copy=False)[seg]
+    return seg, pos
+
+
+def _in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Membership of ``keys`` in the sorted array ``sorted_keys``."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    loc = np.searchsorted(sorted_keys, keys).clip(max=sorted_keys.size - 1)
+    return sorted_keys[loc] == keys
+
+
+def _reciprocal_sets(neighbours: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``R(i, k)`` for all rows of ``neighbours [N, >=k]`` (ascending order) as CSR ``(indptr, indices)``
+    with sorted indices per row."""
+    n = neighbours.shape[0]
+    forward = np.sort(neighbours[:, :k], axis=1).astype(np.int64)
+    rows = np.repeat(np.arange(n, dtype=np.int64), forward.shape[1])
+    cols = forward.ravel()
+    keys = rows * n + cols  # sorted: rows ascending, columns sorted within a row
+    keep = _in_sorted(keys, cols * n + rows)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=n), out=indptr[1:])
+    return indptr, cols[keep]
+
+
+def _expanded_sets(neighbours: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expanded k-reciprocal sets ``E(i)`` (step 2) as CSR ``(indptr, indices)``, indices sorted per row."""
+    n = neighbours.shape[0]
+    r_ptr, r_idx = _reciprocal_sets(neighbours, k1 + 1)
+    h_ptr, h_idx = _reciprocal_sets(neighbours, _half(k1))
+    h_size = np.diff(h_ptr)
+    r_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(r_ptr))
+    r_keys = r_rows * n + r_idx  # sorted
+    blocks = []
+    for lo in range(0, n, _ROW_BLOCK):
+        e_lo, e_hi = r_ptr[lo], r_ptr[min(lo + _ROW_BLOCK, n)]
+        edge_row, edge_c = r_rows[e_lo:e_hi], r_idx[e_lo:e_hi]
+        seg, pos = _ragged(h_ptr[edge_c], h_size[edge_c])
+        cand = edge_row[seg] * n + h_idx[pos]  # (i, m) for m in R(c, half)
+        shared = np.bincount(seg, weights=_in_sorted(r_keys, cand), minlength=edge_c.size)
+        accept = shared > (2.0 / 3.0) * h_size[edge_c]
+        blocks.append(r_keys[e_lo:e_hi])
+        blocks.append(cand[accept[seg]])
+    keys = np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    rows = keys // n
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    return indptr, keys - rows * n
+
+
+def _encode(
+    neighbours: np.ndarray, k1: int, k2: int, pair_distance: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> sparse.csr_matrix:
+    """The k-reciprocal encoding ``V [N, N]`` (steps 2-3) as float32 CSR.
+
+    ``neighbours [N, K]``: each row's nearest indices in ascending normalised distance (``K >=
+    min(N, max(k1+1, k2))``); ``pair_distance(rows, cols)`` returns the normalised distances ``d̃``
+    (float32) of index pairs.
+    """
+    n = neighbours.shape[0]
+    indptr, indices = _expanded_sets(neighbours, k1)
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    weight = np.exp(-pair_distance(rows, indices).astype(np.float32))
+    total = np.bincount(rows, weights=weight, minlength=n).astype(np.float32)
+    v = sparse.csr_matrix((weight / total[rows], indices, indptr), shape=(n, n))
+    if k2 != 1:
+        width = min(k2, neighbours.shape[1])
+        qe_rows = np.repeat(np.arange(n, dtype=np.int64), width)
+        qe = sparse.csr_matrix(
+            (np.full(n * width, 1.0 / width, np.float32), (qe_rows, neighbours[:, :width].ravel())), shape=(n, n)
+        )
+        v = (qe @ v).tocsr()
+    v.sort_indices()
+    return v
+
+
+def _overlap(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> np.ndarray:
+    """``S[a, b] = Σ_j min(v_rows[a, j], v_cols_t[j, b])`` as a dense float32 ``[A, B]`` array.
+
+    ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Work
+    is proportional to the number of (row, shared column, column-side entry) triples.
+    """
+    a_num, b_num = v_rows.shape[0], v_cols_t.shape[1]
+    out = np.zeros((a_num, b_num), dtype=np.float32)
+    nnz_per_row = np.diff(v_rows.indptr)
+    col_count = np.diff(v_cols_t.indptr)
+    cum = np.concatenate(([0], np.cumsum(col_count[v_rows.indices])))
+    triples = cum[v_rows.indptr[1:]] - cum[v_rows.indptr[:-1]]  # [A]
+    block_of_row = (np.cumsum(triples) - triples) // _TRIPLE_BLOCK
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [a_num]))
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
+        cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
+        row = np.repeat(np.arange(hi - lo, dtype=np.int64), nnz_per_row[lo:hi])
+        seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
+        shared = np.minimum(vals[seg], v_cols_t.data[pos])
+        keys = row[seg] * b_num + v_cols_t.indices[pos]
+        out[lo:hi] = np.bincount(keys, weights=shared, minlength=(hi - lo) * b_num).reshape(hi - lo, b_num)
+    return out
+
+
+def _combine(overlap: np.ndarray | torch.Tensor, original: np.ndarray | torch.Tensor, lambda_value: float):
+    """Final distance ``(1 - λ)·(1 - S / (2 - S)) + λ·d̃`` (float32, as the reference)."""
+    jaccard = 1 - overlap / (2.0 - overlap)
+    return jaccard * (1 - lambda_value) + original * lambda_value
+
+
+# ----------------------------------------------------------------------------------------- dense path
+def _as_float_array(x: ArrayLike, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D distance matrix, got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape} to match q_g, got {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty; expected at least one query and one gallery item")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values; expected finite distances")
+    return arr
+
+
+def rerank_distances(
+    q_g: ArrayLike, q_q: ArrayLike, g_g: ArrayLike, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> np.ndarray:
+    """k-reciprocal re-ranked distances ``[Q, G]`` from dense distance matrices.
+
+    ``q_g [Q, G]``, ``q_q [Q, Q]``, ``g_g [G, G]`` (numpy or tensors) are the original distances; as in
+    the reference implementation they are squared and column-normalised internally. Returns float32
+    numpy ``[Q, G]``, equal to the reference's output (to float32 rounding). Memory ``O((Q+G)²)``:
+    for large sets use `rerank_from_features` / ``compute_reid_metrics(..., rerank=True)``.
+    """
+    k1, k2, lambda_value = _check_params(k1, k2, lambda_value)
+    q_g = _as_float_array(q_g, "q_g")
+    num_q, num_g = q_g.shape
+    q_q = _as_float_array(q_q, "q_q", (num_q, num_q))
+    g_g = _as_float_array(g_g, "g_g", (num_g, num_g))
+    original = np.concatenate(
+        (np.concatenate((q_q, q_g), axis=1), np.concatenate((q_g.T, g_g), axis=1)), axis=0
+    )
+    original = np.power(original, 2).astype(np.float32)
+    original = np.ascontiguousarray((original / np.max(original, axis=0)).T)
+    n = original.shape[0]
+    width = min(n, max(k1 + 1, k2))
+    neighbours = np.empty((n, width), dtype=np.int64)
+    step = max(1, (1 << 24) // n)
+    for lo in range(0, n, step):
+        neighbours[lo : lo + step] = np.argsort(original[lo : lo + step], axis=1, kind="stable")[:, :width]
+    v = _encode(neighbours, k1, k2, lambda r, c: original[r, c])
+    overlap = _overlap(v[:num_q], v[num_q:].T.tocsr())
+    return _combine(overlap, original[:num_q, num_q:], lambda_value).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ from features
+@dataclass
+class KReciprocalDistances:
+    """Re-ranked query × gallery distances from features, produced a chunk of queries at a time.
+
+    Built by `rerank_from_features`. ``distances(rows)`` returns ``[len(rows), G]`` float32 on the
+    features' device; `to_dense` gives the whole ``[Q, G]`` matrix (small problems only).
+    """
+
+    query_features: torch.Tensor  # [Q, D], prepared for the metric (L2-normalised for cosine)
+    gallery_features: torch.Tensor  # [G, D]
+    metric: DistanceMetric
+    lambda_value: float
+    query_scale: torch.Tensor  # [Q] max squared distance of each query to all Q + G items
+    query_encoding: sparse.csr_matrix  # [Q, Q + G] rows of V
+    gallery_encoding_t: sparse.csr_matrix  # [Q + G, G] gallery rows of V, transposed
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.query_features.shape[0], self.gallery_features.shape[0]
+
+    def distances(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
+        """Re-ranked distances ``[B, G]`` (float32) of the queries ``rows`` (indices or a slice)."""
+        if isinstance(rows, slice):
+            rows = torch.arange(self.shape[0])[rows]
+        rows_t = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        rows_np = rows_t.cpu().numpy()
+        device = self.query_features.device
+        q = self.query_features[rows_t.to(device)]
+        d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True).to(torch.float32)
+        original = d.pow_(2).div_(self.query_scale.to(device)[rows_t.to(device), None])
+        overlap = torch.from_numpy(_overlap(self.query_encoding[rows_np], self.gallery_encoding_t)).to(device)
+        return _combine(overlap, original, self.lambda_value)
+
+    def to_dense(self) -> np.ndarray:
+        """All re-ranked distances ``[Q, G]`` as float32 numpy."""
+        return self.distances(slice(None)).cpu().numpy()
+
+
+def _farthest_sq_distance(x: np.ndarray, metric: str, use_gpu: bool | None) -> np.ndarray:
+    """``max_j d(i, j)²`` over all rows ``j`` of ``x [N, D]`` (prepared features), float32 ``[N]``."""
+    if metric == "cosine":
+        score, _ = exact_knn(-x, x, 1, "ip", use_gpu)  # max_j -x_i·x_j = -min cos
+        return np.square(np.maximum(1.0 + score[:, 0], 0.0)).astype(np.float32)
+    sq = np.einsum("ij,ij->i", x, x)
+    query = np.concatenate((-2.0 * x, np.ones((x.shape[0], 1), x.dtype)), axis=1)
+    base = np.concatenate((x, sq[:, None]), axis=1)
+    score, _ = exact_knn(query, base, 1, "ip", use_gpu)  # max_j ‖x_j‖² - 2 x_i·x_j
+    return np.maximum(sq + score[:, 0], 0.0).astype(np.float32)
+
+
+def rerank_from_features(
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    metric: DistanceMetric = "cosine",
+    use_gpu: bool | None = None,
+    prepared: bool = False,
+) -> KReciprocalDistances:
+    """k-reciprocal re-ranking from features ``[Q, D]`` and ``[G, D]`` without any ``(Q+G)²`` matrix.
+
+    Equivalent to ``rerank_distances(pairwise_distance(q, g), pairwise_distance(q, q),
+    pairwise_distance(g, g), k1, k2, lambda_value)`` for the same ``metric``, but uses exact faiss
+    search (``use_gpu`` as in `ccafl_hf.neighbors.exact_knn`) and sparse encodings; memory is
+    ``O((Q+G)·k1·k2)`` plus one chunk of queries at a time. ``prepared``: the features are already
+    prepared for ``metric`` (`prepare_features`: L2-normalised for cosine). Returns a
+    `KReciprocalDistances`.
+    """
+    k1, k2, lambda_value = _check_params(k1, k2, lambda_value)
+    metric = check_metric(metric)
+    qf = check_features(query_features, "query_features")
+    gf = check_features(gallery_features, "gallery_features")
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
+        )
+    if not prepared:
+        qf, gf = prepare_features(qf, metric), prepare_features(gf, metric)
+    gf = gf.to(device=qf.device, dtype=qf.dtype)
+    num_q = qf.shape[0]
+    x_t = torch.cat((qf, gf)).to("cpu", torch.float32)
+    x = x_t.numpy()
+    n = x.shape[0]
+    width = min(n, max(k1 + 1, k2))
+    logger.info("re-ranking: exact %d-NN and farthest-neighbour search over %d items", width, n)
+    _, neighbours = exact_knn(x, x, width, "l2" if metric == "euclidean" else "ip", use_gpu)
+    scale = _farthest_sq_distance(x, metric, use_gpu)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
+
+    def pair_distance(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        out = np.empty(rows.size, dtype=np.float32)
+        for lo in range(0, rows.size, _PAIR_BLOCK):
+            r = torch.from_numpy(rows[lo : lo + _PAIR_BLOCK])
+            c = torch.from_numpy(cols[lo : lo + _PAIR_BLOCK])
+            dot = (x_t[r] * x_t[c]).sum(1)
+            d2 = (1.0 - dot).square() if metric == "cosine" else (sq[r] + sq[c] - 2.0 * dot).clamp(min=0.0)
+            out[lo : lo + _PAIR_BLOCK] = (d2 / torch.from_numpy(scale[rows[lo : lo + _PAIR_BLOCK]])).numpy()
+        return out
+
+    logger.info("re-ranking: k-reciprocal encoding")
+    v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
+    return KReciprocalDistances(
+        query_features=qf,
+        gallery_features=gf,
+        metric=metric,
+        lambda_value=lambda_value,
+        query_scale=torch.from_numpy(scale[:num_q]),
+        query_encoding=v[:num_q],
+        gallery_encoding_t=v[num_q:].T.tocsr(),
+    )
+
+
+__all__ = ["KReciprocalDistances", "rerank_distances", "rerank_from_features"]
