@@ -64,6 +64,10 @@ def _format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
     from .data import ReIDDatasetError
@@ -72,9 +76,13 @@ def train_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         model_args, data_args, training_args = parse_train_args(argv)
+    except ValueError as error:  # bad flag values, preset problems, argument validation
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    try:
         results = run_training(model_args, data_args, training_args)
-    except (PresetError, RunError, ReIDDatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (RunError, ReIDDatasetError, OSError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if training_args.process_index == 0:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")

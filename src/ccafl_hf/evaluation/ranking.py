@@ -404,11 +404,11 @@ def compute_reid_metrics(
     bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
     for rows in queries.split(chunk):
-        dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
         if reranker is None:
+            dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
             pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
         else:
-            dist = reranker.distances(rows)
+            dist = reranker.distances(rows).contiguous()
         idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
         acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
     return acc.result(num_q)

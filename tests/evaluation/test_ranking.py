@@ -1,0 +1,201 @@
+"""Market-1501-protocol metrics against a slow per-query loop written from METHOD.md §1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ccafl_hf.evaluation import compute_reid_metrics, evaluate_rank, pairwise_distance
+
+
+def slow_protocol(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+    """One query at a time: stable ascending sort, drop same pid + same camera, score the matches."""
+    aps, inps, cmcs, firsts = [], [], [], []
+    for q in range(distmat.shape[0]):
+        order = np.argsort(distmat[q], kind="stable")
+        keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+        matches = (g_pids[order][keep] == q_pids[q]).astype(np.float64)
+        if not matches.any():
+            continue
+        hits = np.cumsum(matches)
+        positions = np.flatnonzero(matches)
+        aps.append(np.sum(hits[positions] / (positions + 1.0)) / matches.sum())
+        inps.append(hits[positions[-1]] / (positions[-1] + 1.0))
+        cmc = np.ones(max_rank)
+        cmc[: positions[0]] = 0.0
+        cmcs.append(cmc)
+        firsts.append(positions[0])
+    firsts = np.array(firsts)
+    return {"mAP": np.mean(aps), "mINP": np.mean(inps), "cmc": np.mean(cmcs, axis=0),
+            "rank1": np.mean(firsts < 1), "rank5": np.mean(firsts < 5), "rank10": np.mean(firsts < 10), "num_valid_queries": len(aps), "num_skipped_queries": distmat.shape[0] - len(aps)}
+
+
+def make_case(num_q=40, num_g=300, dim=24, num_ids=25, num_cams=4, seed=0):
+    """Identities seen by several cameras, distractors (pid 0) in the gallery, same-camera matches,
+    and queries whose identity has no image in another camera (or none at all)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_ids + 1, dim))
+    g_pids = rng.integers(0, num_ids, num_g)  # pid 0 = distractors
+    g_cams = rng.integers(0, num_cams, num_g)
+    q_pids = rng.integers(1, num_ids + 3, num_q)  # ids >= num_ids have no gallery image
+    q_cams = rng.integers(0, num_cams, num_q)
+    # some queries whose only gallery matches are in their own camera
+    lonely = num_ids - 1
+    g_cams[g_pids == lonely] = 0
+    q_pids[:3], q_cams[:3] = lonely, 0
+    qf = centres[np.minimum(q_pids, num_ids)] + 0.9 * rng.standard_normal((num_q, dim))
+    gf = centres[g_pids] + 0.9 * rng.standard_normal((num_g, dim))
+    return qf.astype(np.float32), gf.astype(np.float32), q_pids, g_pids, q_cams, g_cams
+
+
+def assert_same(got, expected, atol=1e-10):
+    assert got["num_valid_queries"] == expected["num_valid_queries"]
+    assert got["num_skipped_queries"] == expected["num_skipped_queries"]
+    for key in ("mAP", "mINP", "rank1", "rank5", "rank10"):
+        assert got[key] == pytest.approx(expected[key], abs=atol), key
+    assert len(got["cmc"]) == len(expected["cmc"])
+    np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_evaluate_rank_matches_slow_loop(seed):
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=seed)
+    distmat = pairwise_distance(qf, gf, "euclidean").numpy()
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+    assert expected["num_skipped_queries"] >= 3
+    got = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+    assert_same(got, expected)
+    assert isinstance(got["mAP"], float) and isinstance(got["cmc"], list)
+
+
+def test_evaluate_rank_tensors_and_float64():
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=4)
+    distmat = pairwise_distance(qf, gf, "cosine").double()
+    expected = slow_protocol(distmat.numpy(), q_pids, g_pids, q_cams, g_cams, max_rank=12)
+    got = evaluate_rank(distmat, torch.from_numpy(q_pids), torch.from_numpy(g_pids), torch.from_numpy(q_cams),
+                        torch.from_numpy(g_cams), max_rank=12)
+    assert_same(got, expected)
+
+
+def test_ties_follow_stable_order():
+    """Integer distances: many ties between positives and other entries and among positives."""
+    rng = np.random.default_rng(7)
+    num_q, num_g = 30, 80
+    distmat = rng.integers(0, 6, (num_q, num_g)).astype(np.float32)
+    q_pids, g_pids = rng.integers(1, 5, num_q), rng.integers(0, 5, num_g)
+    q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20), expected)
+    # a mix: ties only in some rows
+    distmat = rng.random((num_q, num_g)).astype(np.float32)
+    distmat[::3] = np.round(distmat[::3] * 4)
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20), expected)
+
+
+def test_max_rank_beyond_gallery_and_perfect_ranking():
+    q_pids, g_pids = np.array([1, 2]), np.array([1, 2, 1, 3])
+    q_cams, g_cams = np.array([0, 0]), np.array([1, 1, 2, 1])
+    distmat = np.array([[0.1, 0.9, 0.2, 0.5], [0.8, 0.1, 0.3, 0.4]])
+    got = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=6)
+    assert got["mAP"] == 1.0 and got["mINP"] == 1.0 and got["rank1"] == 1.0
+    assert got["cmc"] == [1.0] * 6
+    expected = slow_protocol(distmat[:, ::-1].copy(), q_pids, g_pids[::-1], q_cams, g_cams[::-1], max_rank=6)
+    assert_same(evaluate_rank(distmat[:, ::-1].copy(), q_pids, g_pids[::-1], q_cams, g_cams[::-1], 6), expected)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_features_match_dense(metric):
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=11)
+    distmat = pairwise_distance(qf, gf, metric).numpy()
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=30)
+    dense = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=30)
+    assert_same(dense, expected)
+    for chunk in (None, 1, 7, 16, 1000):
+        got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, max_rank=30,
+                                   chunk_size=chunk)
+        assert_same(got, dense)
+
+
+def test_features_cosine_normalises():
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=12)
+    scale = np.random.default_rng(0).uniform(0.5, 3.0, (len(qf), 1)).astype(np.float32)
+    a = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams)
+    b = compute_reid_metrics(qf * scale, torch.from_numpy(gf) * 2, q_pids, g_pids, q_cams, g_cams)
+    assert_same(a, b, atol=1e-6)
+
+
+def test_features_on_gpu_if_available():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=13)
+    cpu = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=9)
+    gpu = compute_reid_metrics(torch.from_numpy(qf).cuda(), torch.from_numpy(gf).cuda(), q_pids, g_pids,
+                               q_cams, g_cams, chunk_size=9)
+    assert_same(gpu, cpu, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _ok():
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=6, num_g=20, seed=3)
+    return {"query_features": qf, "gallery_features": gf, "q_pids": q_pids, "g_pids": g_pids,
+            "q_camids": q_cams, "g_camids": g_cams}
+
+
+def _with(**changes):
+    args = _ok()
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"q_pids": np.zeros(5, int)}, "q_pids has 5 entries but query_features has 6"),
+        ({"g_camids": np.zeros(21, int)}, "g_camids has 21 entries but gallery_features has 20"),
+        ({"q_pids": np.zeros((6, 1), int)}, "q_pids must be a 1-D"),
+        ({"g_pids": np.full(20, 0.5)}, "g_pids must hold integer ids"),
+        ({"query_features": np.zeros(6)}, "query_features must be a 2-D"),
+        ({"gallery_features": np.zeros((20, 5))}, "same dimension"),
+        ({"query_features": np.full((6, 24), np.nan)}, "query_features contains NaN"),
+        ({"gallery_features": np.full((20, 24), np.inf)}, "gallery_features contains NaN or infinite"),
+        ({"query_features": np.zeros((0, 24)), "q_pids": [], "q_camids": []}, "query_features is empty"),
+        ({"gallery_features": np.zeros((0, 24)), "g_pids": [], "g_camids": []}, "gallery_features is empty"),
+        ({"q_pids": np.full(6, 99)}, "no valid query"),
+    ],
+)
+def test_bad_input_features(changes, match):
+    with pytest.raises(ValueError, match=match):
+        compute_reid_metrics(**_with(**changes))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="metric must be one of"):
+        compute_reid_metrics(**_ok(), metric="dot")
+    with pytest.raises(ValueError, match="max_rank must be a positive integer"):
+        compute_reid_metrics(**_ok(), max_rank=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        compute_reid_metrics(**_ok(), chunk_size=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"distmat": np.zeros(6)}, "distmat must be a 2-D"),
+        ({"distmat": np.zeros((6, 0))}, "distmat is empty"),
+        ({"distmat": np.full((6, 20), np.nan)}, "distmat contains NaN"),
+        ({"q_camids": np.zeros(7, int)}, r"q_camids has 7 entries but distmat.shape\[0\] has 6"),
+        ({"g_pids": np.zeros(3, int)}, r"g_pids has 3 entries but distmat.shape\[1\] has 20"),
+        ({"q_pids": ["a"] * 6}, "q_pids must hold numbers"),
+        ({"g_pids": np.full(20, 99)}, "no valid query"),
+    ],
+)
+def test_bad_input_distmat(changes, match):
+    args = _ok()
+    args = {"distmat": pairwise_distance(args["query_features"], args["gallery_features"]).numpy(),
+            "q_pids": args["q_pids"], "g_pids": args["g_pids"], "q_camids": args["q_camids"],
+            "g_camids": args["g_camids"]}
+    args.update(changes)
+    with pytest.raises(ValueError, match=match):
+        evaluate_rank(**args)

@@ -1,0 +1,206 @@
+"""The main job: scripts/train.py end to end, artifacts, model card, resume after SIGKILL, Hub push,
+bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from ccafl_hf import CCAFLModel
+from ccafl_hf.cli import load_preset, parse_train_args, train_main
+from conftest import SMALL_SYNTHETIC
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_RUN = [
+    "--dataset_options", json.dumps(SMALL_SYNTHETIC),
+    "--prompt_epochs", "3", "--icdl_epochs", "2", "--ical_epochs", "3", "--iters_per_epoch", "4",
+    "--ical_image_text_start_epoch", "2", "--adversarial_start_epoch", "3", "--adversarial_end_epoch", "4",
+    "--disable_tqdm", "true",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small end-to-end run (all stages) of the script's entry point."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCAFL_HF_CACHE")
+    os.environ["CCAFL_HF_CACHE"] = str(cache)
+    try:
+        assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("CCAFL_HF_CACHE")
+        else:
+            os.environ["CCAFL_HF_CACHE"] = old
+    return out, cache
+
+
+def test_eval_results_have_every_stage(trained):
+    out, _ = trained
+    results = json.loads((out / "eval_results.json").read_text())
+    keys = {"mAP", "rank1", "rank5", "rank10", "mINP"}
+    assert keys <= set(results)
+    assert list(results["stages"]) == ["untrained", "prompt", "icdl", "ical"]
+    for metrics in results["stages"].values():
+        assert keys <= set(metrics) and all(0.0 <= metrics[k] <= 1.0 for k in keys)
+    assert results["mAP"] == results["stages"]["ical"]["mAP"]
+
+
+def test_artifacts_load_and_card_has_metadata(trained):
+    out, _ = trained
+    for name in ("config.json", "model.safetensors", "modeling_ccafl.py", "configuration_ccafl.py",
+                 "processor_config.json", "tokenizer.json", "text_features.safetensors",
+                 "prompt_adapter/adapter_config.json", "prompt_adapter/adapter_model.safetensors", "README.md"):
+        assert (out / name).is_file(), name
+    model = AutoModel.from_pretrained(out)
+    assert isinstance(model, CCAFLModel)
+    text = load_file(str(out / "text_features.safetensors"))
+    assert text["text_features"].shape[0] == text["identity_camids"].shape[0] > 0
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers"
+    assert "person-reid" in metadata["tags"]
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    results = json.loads((out / "eval_results.json").read_text())
+    mAP = next(m["value"] for m in metrics if m["name"] == "mAP")
+    assert mAP == pytest.approx(100 * results["mAP"], abs=0.01)
+    assert "Ethical considerations" in card and "prompt_epochs" in card
+
+
+def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
+    """The Hub is unreachable: capture what `upload_folder` would commit, then load it in a fresh process."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    from ccafl_hf.pipeline import push_output_dir
+
+    out, _ = trained
+    sent = tmp_path / "sent"
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repo"] = repo_id
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["commit"] = [op.path_in_repo for op in operations]
+        for op in operations:
+            target = sent / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = op.path_or_fileobj
+            target.write_bytes(Path(source).read_bytes() if isinstance(source, str | Path) else source)
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model_args, data_args, args = parse_train_args(["--output_dir", str(out), "--push_to_hub", "true",
+                                                    "--hub_model_id", "someone/ccafl-demo"])
+    assert push_output_dir(args) == "someone/ccafl-demo"
+    assert calls["repo"] == "someone/ccafl-demo"
+    assert "model-index" in yaml.safe_load((sent / "README.md").read_text().split("---")[1])
+    assert not any(path.startswith("checkpoints/") for path in calls["commit"])
+    assert {"README.md", "model.safetensors", "modeling_ccafl.py", "prompt_adapter/adapter_config.json"} <= set(
+        calls["commit"])
+    script = textwrap.dedent(f"""
+        import importlib.util, torch
+        assert importlib.util.find_spec("ccafl_hf") is None
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(sent)!r}, trust_remote_code=True).eval()
+        print(type(model).__name__, model.get_reid_features(torch.zeros(1, 3, *model.config.image_size)).shape)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("CCAFLModel")
+
+
+def _script(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN, *extra]
+
+
+def _env(cache: Path) -> dict:
+    env = {**os.environ, "CCAFL_HF_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted_run(trained, tmp_path):
+    """Killed while ICAL runs (after its first epoch checkpoint), the rerun resumes the right stage and
+    epoch (memories, pseudo-labels, classifier, optimiser, scheduler, RNG) and ends bit-identical."""
+    reference, cache = trained
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_script(out, cache), env=_env(cache), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "checkpoints" / "ical").glob("checkpoint-*")):
+        if process.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "eval_results.json").exists(), "the run finished before the kill"
+    result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(str(reference / "model.safetensors"))
+    resumed = load_file(str(out / "model.safetensors"))
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
+    assert json.loads((out / "eval_results.json").read_text()) == json.loads(
+        (reference / "eval_results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "cuhk03"], "cuhk03"),
+        (["--preset", "paper-cuhk"], "unknown preset 'paper-cuhk'"),
+        (["--dataset", "market1501"], "data_dir"),
+        (["--stages", "icdl,ical"], "prefix"),
+        (["--dataset_options", '{"num_cameras": 1}'], "camera"),
+    ],
+)
+def test_bad_input_one_clear_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = train_main(["--output_dir", str(out), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not (out / "model.safetensors").exists()
+
+
+def test_output_dir_of_another_run_is_refused(trained, tmp_path, capsys):
+    reference, _ = trained
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    code = train_main(["--output_dir", str(reference), *SMALL_RUN, "--seed", "7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "another run" in err[0] and "--overwrite_output_dir" in err[0]
+    assert before == {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+
+
+def test_presets_and_flags(tmp_path):
+    demo = load_preset("demo")
+    model_args, data_args, args = parse_train_args(["--output_dir", str(tmp_path)])
+    assert data_args.dataset == "synthetic" and data_args.preset == "demo"
+    assert model_args.model_name_or_path == demo["model_name_or_path"] == "tiny"
+    assert args.icdl_epochs == demo["icdl_epochs"]
+    # explicit flags override the preset; dataset and preset are independent
+    model_args, data_args, args = parse_train_args(
+        ["--output_dir", str(tmp_path), "--preset", "paper-msmt17", "--dataset", "market1501", "--icdl_epochs", "2"])
+    assert model_args.model_name_or_path == "openai/clip-vit-base-patch16"
+    assert data_args.dataset == "market1501" and args.icdl_epochs == 2
+    assert args.association_rate == 1.3 and args.memory_lambda == 0.0 and args.num_identities_per_batch == 32
+    assert load_preset("paper-dukemtmc")["adversarial_margin"] == 0.3
