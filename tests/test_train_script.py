@@ -204,3 +204,18 @@ def test_presets_and_flags(tmp_path):
     assert data_args.dataset == "market1501" and args.icdl_epochs == 2
     assert args.association_rate == 1.3 and args.memory_lambda == 0.0 and args.num_identities_per_batch == 32
     assert load_preset("paper-dukemtmc")["adversarial_margin"] == 0.3
+
+
+def test_two_process_accelerate_launch(trained, tmp_path):
+    """`accelerate launch --num_processes 2` (gloo on CPU) completes with the same kind of results."""
+    _, cache = trained
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN]
+    env = {**_env(cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert list(results["stages"]) == ["untrained", "prompt", "icdl", "ical"]
+    assert isinstance(AutoModel.from_pretrained(out), CCAFLModel)

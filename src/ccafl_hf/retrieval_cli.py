@@ -134,8 +134,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .inference import extract_features
     from .retrieval import FeatureSet, eval_transform_for
 
-    dataset = _load_dataset(args)
     model, image_processor = _load_model(args)
+    dataset = _load_dataset(args)
     collate = ReIDCollator(eval_transform_for(model, image_processor))
     common = _extraction_kwargs(args)
     query = extract_features(model, dataset["query"], collate, desc="Query features", **common)

@@ -98,6 +98,8 @@ class CCAFLTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if _multi_process_without_accelerator():
             self.use_cpu = True  # several CPU processes (gloo): accelerate needs to be told
+        if self.dataloader_pin_memory and not _cuda_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator
         super().__post_init__()
         self.stage_list = parse_stages(self.stages)
         if self.remove_unused_columns:
@@ -151,12 +153,15 @@ class CCAFLTrainingArguments(TrainingArguments):
         return dataclasses.replace(self, **common, **specific)
 
 
-def _multi_process_without_accelerator() -> bool:
-    """True under a multi-process launcher (torchrun / accelerate launch) on a machine without a GPU."""
+def _cuda_available() -> bool:
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world > 1 and not torch.cuda.is_available()
+    return torch.cuda.is_available()
+
+
+def _multi_process_without_accelerator() -> bool:
+    """True under a multi-process launcher (torchrun / accelerate launch) on a machine without a GPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available()
 
 
 def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:
