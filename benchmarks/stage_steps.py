@@ -25,14 +25,17 @@ from ccafl_hf.pipeline import _set_trainable_for_image_stages
 from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
+def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median time of each function, the functions taking turns (fair on a noisy, shared machine)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
@@ -92,15 +95,24 @@ def main() -> None:
         opt.step()
         module.update_memories(out["reid_features"], intra_ids)
 
-    t_base = _median_time(baseline, args.repeats)
-    module.stage = "icdl"
-    t_icdl = _median_time(stage_step, args.repeats)
-    module.stage = "ical"
-    module.switches.image_text = True
-    module.switches.adversarial, module.switches.classifier = False, False
-    t_ical_plain = _median_time(stage_step, args.repeats)
-    module.switches.adversarial, module.switches.classifier = True, True
-    t_ical_adv = _median_time(stage_step, args.repeats)
+    def configured(stage: str, adversarial: bool, classifier: bool):
+        def step() -> None:
+            module.stage = stage
+            module.switches.image_text = True
+            module.switches.adversarial, module.switches.classifier = adversarial, classifier
+            stage_step()
+        return step
+
+    medians = _interleaved_medians(
+        {
+            "baseline": baseline,
+            "icdl": configured("icdl", False, True),
+            "ical_plain": configured("ical", False, False),
+            "ical_adv": configured("ical", True, True),
+        },
+        args.repeats,
+    )
+    t_base, t_icdl, t_ical_plain, t_ical_adv = (medians[k] for k in ("baseline", "icdl", "ical_plain", "ical_adv"))
     print(f"baseline (vision fwd+bwd + CE head): {t_base * 1e3:.0f} ms")
     print(f"ICDL step: {t_icdl * 1e3:.0f} ms  ->  ratio ICDL / baseline = {t_icdl / t_base:.3f}  (target <= 1.10)")
     print(f"ICAL step without / with adversarial + classifier: {t_ical_plain * 1e3:.0f} / {t_ical_adv * 1e3:.0f} ms"

@@ -60,6 +60,8 @@ def _format_table(results: dict[str, Any]) -> str:
     keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
     lines = [f"{'stage':<10}" + "".join(f"{k:>9}" for k in keys)]
     for stage, metrics in results["stages"].items():
+        if not metrics:
+            continue
         lines.append(f"{stage:<10}" + "".join(f"{100 * metrics[k]:>8.1f}%" for k in keys))
     return "\n".join(lines)
 

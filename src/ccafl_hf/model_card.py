@@ -32,7 +32,10 @@ def _results_table(results: dict[str, Any]) -> str:
     rows = [
         f"| {stage} | " + " | ".join(f"{100 * metrics[k]:.1f}" for k in METRIC_NAMES) + " |"
         for stage, metrics in stages.items()
+        if metrics
     ]
+    if not rows:
+        return "Not evaluated (the data had no query/gallery split)."
     return header + "\n".join(rows) + "\n\n(percent; the last row is the released model)"
 
 

@@ -171,6 +171,9 @@ def run_training(
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
 
     def evaluate(stage: str) -> dict:
+        if len(dataset["query"]) == 0 or len(dataset["gallery"]) == 0:
+            logger.warning("no query/gallery split: skipping the evaluation after %s", stage)
+            return {}
         metrics = evaluate_reid_model(
             model, dataset["query"], dataset["gallery"], eval_collator, batch_size=args.per_device_eval_batch_size,
             num_workers=args.dataloader_num_workers, mixed_precision=mixed, flip=args.eval_flip,
