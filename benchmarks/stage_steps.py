@@ -28,7 +28,7 @@ from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments
 def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     """Median time of each function, the functions taking turns (fair on a noisy, shared machine)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn()  # warm-up
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -7,7 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from ccafl_hf import create_tiny_model
-from ccafl_hf.data import ReIDCollator, build_eval_transform, build_train_transform, dataset_summary, load_reid_dataset
+from ccafl_hf.data import (
+    ReIDCollator,
+    build_eval_transform,
+    build_train_transform,
+    dataset_summary,
+    load_reid_dataset,
+)
 from ccafl_hf.pipeline import _set_trainable_for_image_stages
 from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments, ICALTrainer, ICDLTrainer
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -82,7 +82,7 @@ def test_batches_never_carry_cross_camera_identity(training_setup, tmp_path):
     trainer = ICDLTrainer(module, args.stage_arguments("icdl"), dataset["train"], train_collator, eval_collator)
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) <= {"pixel_values", "camids", "intra_ids", "cam_pids", "indices"}
-    assert not any("pid" == key or "diagnostic" in key for key in batch)
+    assert not any(key == "pid" or "diagnostic" in key for key in batch)
     # P×K layout: P distinct identities, K images each
     ids = batch["intra_ids"]
     assert ids.numel() == args.pk_batch_size and ids.unique().numel() == args.num_identities_per_batch

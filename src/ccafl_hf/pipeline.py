@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPProcessor, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import ReIDCollator, build_eval_transform, build_train_transform, dataset_summary, load_reid_dataset
+from .data import (
+    ReIDCollator,
+    build_eval_transform,
+    build_train_transform,
+    dataset_summary,
+    load_reid_dataset,
+)
 from .inference import METRIC_KEYS, evaluate_reid_model
 from .modeling_ccafl import CCAFLModel
 from .processing import build_reid_processor, load_tokenizer

@@ -11,7 +11,13 @@ import os
 import string
 from collections.abc import Iterable, Sequence
 
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPProcessor,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.image_utils import PILImageResampling
 
 from .configuration_ccafl import CCAFLConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
