@@ -94,6 +94,23 @@ def test_ties_follow_stable_order():
     assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=20), expected)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_duplicate_images_tie_like_a_stable_sort(metric):
+    """Exact copies in the gallery (and of a query) give exactly equal distances."""
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=30, num_g=120, seed=21)
+    copies = np.random.default_rng(0).integers(0, 120, 60)
+    gf = np.concatenate([gf, gf[copies]])
+    g_pids = np.concatenate([g_pids, g_pids[copies]])
+    g_cams = np.concatenate([g_cams, (g_cams[copies] + 1) % 4])
+    gf[:10] = qf[:10]
+    distmat = pairwise_distance(qf, gf, metric).numpy()
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=15)
+    for chunk in (None, 4):
+        got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, max_rank=15,
+                                   chunk_size=chunk)
+        assert_same(got, expected)
+
+
 def test_max_rank_beyond_gallery_and_perfect_ranking():
     q_pids, g_pids = np.array([1, 2]), np.array([1, 2, 1, 3])
     q_cams, g_cams = np.array([0, 0]), np.array([1, 1, 2, 1])

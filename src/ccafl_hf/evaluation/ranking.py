@@ -13,11 +13,11 @@ gallery are computed (one ``addmm``), same-camera same-identity entries are set 
 positive distances are sorted, and one batched ``torch.searchsorted`` of the row against them (plus
 a ``bincount``) gives, for each positive, how many valid gallery entries lie below it - its rank.
 
-Ties are broken as a **stable** ascending sort of the row would: by gallery index. The fast path
-detects rows in which a positive shares its distance with another valid entry (the positives are
-interleaved with their float successors, so equal values fall in their own bucket) and ranks just
-those rows with a stable sort. The dense `evaluate_rank` uses the same kernel, so it and
-`compute_reid_metrics` agree exactly on equal distances.
+Ties are broken as a **stable** ascending sort of the row would: by gallery index. The positives are
+interleaved with their float successors in the searchsorted boundaries, so entries *equal* to a
+positive fall in their own (odd) bucket; in the rare rows where that bucket holds more than the
+positive itself, those few entries are looked up and the ones with a smaller gallery index are added
+to the rank. The dense `evaluate_rank` uses the same kernel, so both agree exactly, ties included.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
         return x.detach()
     try:
         arr = np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+    except Exception as exc:  # re-raised with the argument's name
         raise ValueError(f"{name} must be a numpy array, a torch tensor or a sequence of numbers") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}")
@@ -192,8 +192,9 @@ def _positive_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of each query's positives among its valid gallery entries.
 
-    ``dist [B, G]`` (contiguous; modified in place: junk entries become ``+inf``), ``index [B, P]``
-    gallery indices with masks ``positive``/``junk [B, P]``, ``bucket_buf`` int32 scratch ``>= B*G``.
+    ``dist [B, G]`` (contiguous, finite; modified in place: junk entries become ``+inf``), ``index
+    [B, P]`` gallery indices with masks ``positive``/``junk [B, P]``, ``bucket_buf`` int32 scratch
+    ``>= B*G``.
     Returns ``(ranks [B, P] int64 ascending, padded with G; num_positives [B])``; ties are broken by
     gallery index (stable-sort order).
     """
@@ -207,27 +208,36 @@ def _positive_ranks(
     pos_g = index.gather(1, order)
     num_pos = positive.sum(1)
     p = index.shape[1]
-    valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
-    # Boundaries pos_0, next(pos_0), pos_1, next(pos_1), ...: an entry equal to pos_k lands in bucket
-    # 2k+1, an entry below pos_k in a bucket <= 2k (searchsorted right: #boundaries <= value).
-    bounds = torch.stack((pos_d, torch.nextafter(pos_d, torch.full_like(pos_d, math.inf))), dim=2).view(b, 2 * p)
+    slot = torch.arange(p, device=device)
+    valid = slot[None, :] < num_pos[:, None]
+    # first[k]: slot of the first positive with the same distance as positive k (k itself if unique).
+    dup = torch.zeros_like(valid)
+    dup[:, 1:] = (pos_d[:, 1:] == pos_d[:, :-1]) & valid[:, 1:]
+    first = torch.where(dup, 0, slot[None, :]).cummax(1).values
+    # Boundaries pos_k, next(pos_k) per distinct value (a repeated value gets an empty pair
+    # next, next): with right-sided search, an entry below pos_k lands in a bucket <= 2*first[k]
+    # and an entry equal to it in bucket 2*first[k]+1, the only odd buckets.
+    upper = torch.nextafter(pos_d, torch.full_like(pos_d, math.inf))
+    bounds = torch.stack((torch.where(dup, upper, pos_d), upper), dim=2).view(b, 2 * p)
     buckets = bucket_buf[: b * g].view(b, g)
     torch.searchsorted(bounds, dist, right=True, out_int32=True, out=buckets)
-    width = 2 * p + 1
+    width = 2 * p + 2  # even, so the row offsets keep each bucket's parity
     buckets.add_(torch.arange(0, b * width, width, device=device, dtype=torch.int32)[:, None])
     hist = torch.bincount(buckets.view(-1), minlength=b * width).view(b, width)
-    below = hist.cumsum(1)[:, 0 : 2 * p : 2]  # #entries < pos_k
-    equal = hist[:, 1::2]  # #entries == pos_k, the positive itself included
+    below = hist.cumsum(1).gather(1, 2 * first)  # #valid entries < pos_k
+    equal = hist.gather(1, 2 * first + 1)  # #valid entries == pos_k, the positive itself included
     ranks = below.masked_fill(~valid, g)
-    tied = ((equal != 1) & valid).any(1) | ((pos_d[:, 1:] == pos_d[:, :-1]) & valid[:, 1:]).any(1)
+    tied = ((equal > 1) & valid).any(1)
     if bool(tied.any()):
+        # Entries tied with pos_k come before it when their gallery index is smaller.
         rows = tied.nonzero().squeeze(1)
-        sub = dist[rows]
-        order = torch.sort(sub, dim=1, stable=True).indices
-        position = torch.empty_like(order)
-        position.scatter_(1, order, torch.arange(g, device=device).expand_as(order).contiguous())
-        r = position.gather(1, pos_g[rows]).masked_fill_(~valid[rows], g)
-        ranks[rows] = torch.sort(r, dim=1).values
+        sub = buckets if rows.numel() == b else buckets[rows]
+        t, col = (sub & 1).nonzero(as_tuple=True)
+        value_slot = (sub[t, col] - rows[t].to(torch.int32) * width - 1) // 2
+        same = first[rows][t] == value_slot[:, None]  # [M, P]
+        before = same & (col[:, None] < pos_g[rows][t]) & valid[rows][t]
+        extra = torch.zeros(rows.numel(), p, dtype=ranks.dtype, device=device).index_add_(0, t, before.to(ranks.dtype))
+        ranks[rows] = torch.sort(ranks[rows] + extra, dim=1).values
     return ranks, num_pos
 
 
