@@ -21,16 +21,11 @@ def tiny_model():
     return model.eval(), processor
 
 
-SMALL_SYNTHETIC = dict(
-    num_train_identities=24, num_test_identities=16, num_cameras=3, images_per_identity_per_camera=3,
-    num_distractors=6, image_size=(64, 32), seed=0,
-)
-
-
 @pytest.fixture(scope="session")
 def small_synthetic(tmp_path_factory):
     """A small synthetic multi-camera dataset (DatasetDict) and its summary."""
     from ccafl_hf.data import dataset_summary, load_reid_dataset
+    from synthetic_options import SMALL_SYNTHETIC
 
     root = tmp_path_factory.mktemp("synthetic") / "small"
     dataset = load_reid_dataset("synthetic", root, **SMALL_SYNTHETIC)

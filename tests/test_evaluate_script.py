@@ -13,7 +13,7 @@ from ccafl_hf.data import ReIDCollator, build_eval_transform
 from ccafl_hf.inference import evaluate_reid_model
 from ccafl_hf.retrieval import FeatureSet
 from ccafl_hf.retrieval_cli import evaluate_main
-from conftest import SMALL_SYNTHETIC
+from synthetic_options import SMALL_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("mAP", "rank1", "rank5", "rank10", "mINP")

@@ -94,6 +94,16 @@ def test_flat_index_search_is_exact_cosine():
     scores, indices = search(index, queries[:1], k=1000)  # k clipped to the gallery
     assert indices.shape == (1, 300) and sorted(indices[0].tolist()) == list(range(300))
 
+    pids, camids = torch.arange(300) // 3, torch.arange(300) % 4
+    named = FeatureSet(gallery, [f"g/{i}.jpg" for i in range(300)], "/data", camids=camids, pids=pids)
+    query_set = FeatureSet(queries, [f"q{i}.jpg" for i in range(7)], "/queries", pids=torch.arange(7))
+    results = search_gallery(build_index(named), named, query_set, k=3)
+    assert [r.query for r in results] == [f"/queries/q{i}.jpg" for i in range(7)]
+    for result, row in zip(results, expected_indices):
+        assert result.pid == int(query_set.pids[results.index(result)])
+        assert [m.path for m in result.matches] == [f"/data/g/{j}.jpg" for j in row[:3]]
+        assert [(m.pid, m.camid) for m in result.matches] == [(j // 3, j % 4) for j in row[:3].tolist()]
+
 
 def test_search_rejects_bad_inputs():
     index = build_index(unit_rows(10, 4, 0))

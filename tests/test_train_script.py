@@ -18,7 +18,7 @@ from transformers import AutoModel
 
 from ccafl_hf import CCAFLModel
 from ccafl_hf.cli import load_preset, parse_train_args, train_main
-from conftest import SMALL_SYNTHETIC
+from synthetic_options import SMALL_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RUN = [

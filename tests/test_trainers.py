@@ -57,7 +57,7 @@ def training_setup(small_synthetic):
 
 def test_icdl_raises_within_camera_map(training_setup, tmp_path):
     dataset, info, model, _, train_collator, eval_collator = training_setup
-    args = _args(tmp_path)
+    args = _args(tmp_path, iters_per_epoch=15, icdl_epochs=3)
     module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
 
     def within_map():

@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from .retrieval_cli import evaluate_main, retrieval_main
+
 logger = logging.getLogger("ccafl_hf")
 
 
@@ -93,4 +95,4 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["available_presets", "load_preset", "parse_train_args", "train_main"]
+__all__ = ["available_presets", "evaluate_main", "load_preset", "parse_train_args", "retrieval_main", "train_main"]

@@ -58,6 +58,11 @@ class ModelArguments:
         default=None, metadata={"help": "ReID input as HEIGHT WIDTH (default 256 128; the tiny model: 64 32)."}
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "JSON dict of config fields for a model built from scratch ('tiny' only), e.g. "
+                          "'{\"vision_config\": {\"patch_size\": 4}}' (the demo preset's finer patch grid)."},
+    )
 
 
 @dataclass
@@ -85,8 +90,14 @@ def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
     if size is not None and len(size) != 2:
         raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
     name = model_args.model_name_or_path
+    overrides = _config_overrides(model_args.config_overrides)
     if name == "tiny":
-        return create_tiny_model(**({"image_size": size} if size else {}))
+        try:
+            return create_tiny_model(**{**overrides, **({"image_size": size} if size else {})})
+        except (TypeError, ValueError) as error:
+            raise RunError(f"--config_overrides {model_args.config_overrides}: {error}") from None
+    if overrides:
+        raise RunError(f"--config_overrides only applies to a model built from scratch (tiny), not {name}")
     config_file = Path(name) / "config.json"
     is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
     tokenizer = load_tokenizer(model_args.tokenizer_name or name)
@@ -97,6 +108,18 @@ def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
     else:
         model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
     return model, build_reid_processor(model.config, tokenizer)
+
+
+def _config_overrides(value: str | dict | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        overrides = json.loads(value) if isinstance(value, str) else dict(value)
+    except json.JSONDecodeError as error:
+        raise RunError(f"--config_overrides must be a JSON object: {error}") from None
+    if not isinstance(overrides, dict):
+        raise RunError(f"--config_overrides must be a JSON object, got {value!r}")
+    return overrides
 
 
 def _set_trainable_for_image_stages(model: CCAFLModel) -> None:
@@ -171,7 +194,9 @@ def run_training(
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
-    train_collator = ReIDCollator(build_train_transform(height, width, mean, std))
+    train_collator = ReIDCollator(build_train_transform(
+        height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
+    ))
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
     mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
 

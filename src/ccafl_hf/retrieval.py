@@ -503,9 +503,10 @@ def search_gallery(
             "rebuild the index from this features file"
         )
     scores, indices = search(index, queries, k)
-    gallery_paths = gallery.absolute_paths()
-    g_pids = gallery.pids.tolist() if gallery.pids is not None else None
-    g_cams = gallery.camids.tolist() if gallery.camids is not None else None
+    found = np.clip(indices, 0, None)  # -1 padding is dropped below
+    g_pids = gallery.pids.numpy()[found].tolist() if gallery.pids is not None else None
+    g_cams = gallery.camids.numpy()[found].tolist() if gallery.camids is not None else None
+    root = gallery.root
     if isinstance(queries, FeatureSet):
         names = queries.absolute_paths()
         q_pids = queries.pids.tolist() if queries.pids is not None else None
@@ -515,9 +516,9 @@ def search_gallery(
     results = []
     for q, (row_scores, row_indices) in enumerate(zip(scores.tolist(), indices.tolist())):
         matches = [
-            Match(gallery_paths[j], float(s), int(j), None if g_pids is None else g_pids[j],
-                  None if g_cams is None else g_cams[j])
-            for s, j in zip(row_scores, row_indices) if j >= 0
+            Match(gallery.paths[j] if root is None else os.path.join(root, gallery.paths[j]), float(s), int(j),
+                  None if g_pids is None else g_pids[q][r], None if g_cams is None else g_cams[q][r])
+            for r, (s, j) in enumerate(zip(row_scores, row_indices)) if j >= 0
         ]
         results.append(QueryResult(names[q], matches, None if q_pids is None else q_pids[q],
                                    None if q_cams is None else q_cams[q]))

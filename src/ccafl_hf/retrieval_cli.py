@@ -130,10 +130,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .data import ReIDCollator
+    from .data.datasets.base import get_reader
     from .evaluation import compute_reid_metrics
     from .inference import extract_features
     from .retrieval import FeatureSet, eval_transform_for
 
+    get_reader(args.dataset)  # an unknown name fails here, before the model is loaded
     model, image_processor = _load_model(args)
     dataset = _load_dataset(args)
     collate = ReIDCollator(eval_transform_for(model, image_processor))

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
+REFERENCE_HEIGHT = 256  # METHOD.md §6: 256×128 inputs …
+REFERENCE_PADDING = 10  # … padded by 10 px before the random crop
+
 
 def _check(height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> None:
     if height < 1 or width < 1:
@@ -29,7 +32,7 @@ def build_train_transform(
     std: Sequence[float],
     *,
     flip_p: float = 0.5,
-    padding: int = 10,
+    padding: int | None = None,
     erasing_p: float = 0.5,
     erasing_scale: tuple[float, float] = (0.02, 0.4),
     erasing_ratio: tuple[float, float] = (0.3, 3.33),
@@ -41,11 +44,17 @@ def build_train_transform(
     ``color_jitter > 0`` adds brightness/contrast/saturation jitter of that strength and hue jitter
     of a quarter of it (an extension, off in METHOD.md's recipe).
 
+    ``padding=None`` keeps the reference's geometry at any input size: 10 px at height 256 (METHOD.md
+    §6), scaled with ``height`` (2 px at 64×32). A fixed 10 px would shift a 64×32 person by up to a
+    third of its width, which measurably slows learning of the tiny demo model.
+
     Returns:
         a callable PIL image → ``[3, height, width]`` float32 tensor (random; uses torch's RNG, which
         DataLoader seeds per worker).
     """
     _check(height, width, mean, std)
+    if padding is None:
+        padding = reference_padding(height)
     steps: list = [
         v2.ToImage(),
         v2.Resize((height, width), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -62,6 +71,11 @@ def build_train_transform(
     if erasing_p > 0:
         steps.append(v2.RandomErasing(p=erasing_p, scale=erasing_scale, ratio=erasing_ratio, value=0))
     return v2.Compose(steps)
+
+
+def reference_padding(height: int) -> int:
+    """Pad of the train crop for an input ``height``: the reference's 10 px at 256, scaled (>= 1)."""
+    return max(1, int(round(REFERENCE_PADDING * height / REFERENCE_HEIGHT)))
 
 
 def build_eval_transform(height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

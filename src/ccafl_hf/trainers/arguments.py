@@ -62,6 +62,14 @@ class CCAFLTrainingArguments(TrainingArguments):
     lr_decay_epochs: str = field(default="40,50", **_help("Epochs of the stage-2/3 loop where the lr is multiplied by gamma."))
     lr_decay_gamma: float = field(default=0.1, **_help("Step decay factor."))
 
+    # ------------------------------------------------------------------ augmentation (METHOD.md §6)
+    random_erasing_prob: float = field(default=0.5, **_help("Probability of random erasing in the train transform."))
+    color_jitter: float = field(
+        default=0.0,
+        **_help("Extension (not in the paper): brightness/contrast/saturation jitter of this strength (hue a "
+                "quarter of it) in the train transform; 0 = off."),
+    )
+
     # ------------------------------------------------------------------ losses (METHOD.md §4–§5)
     memory_temperature: float = field(default=0.05, **_help("τ of camera and global memories."))
     memory_momentum: float = field(default=0.1, **_help("m: centroid ← m·old + (1−m)·new."))
@@ -109,6 +117,10 @@ class CCAFLTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1 or None, got {self.iters_per_epoch}")
+        if not 0.0 <= self.random_erasing_prob <= 1.0:
+            raise ValueError(f"random_erasing_prob must lie in [0, 1], got {self.random_erasing_prob}")
+        if self.color_jitter < 0.0:
+            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
         if not 0.0 <= self.memory_lambda <= 1.0:
             raise ValueError(f"memory_lambda must lie in [0, 1], got {self.memory_lambda}")
         if self.adversarial_end_epoch < self.adversarial_start_epoch:
