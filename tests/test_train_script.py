@@ -219,3 +219,19 @@ def test_two_process_accelerate_launch(trained, tmp_path):
     results = json.loads((out / "eval_results.json").read_text())
     assert list(results["stages"]) == ["untrained", "prompt", "icdl", "ical"]
     assert isinstance(AutoModel.from_pretrained(out), CCAFLModel)
+
+
+def test_evaluate_script_reproduces_training_metrics(trained, tmp_path, monkeypatch):
+    """`scripts/evaluate.py` on the trained output gives the metrics `eval_results.json` recorded."""
+    from ccafl_hf.cli import evaluate_main
+
+    out, cache = trained
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
+    report = tmp_path / "results.json"
+    argv = ["--model", str(out), "--dataset", "synthetic", "--dataset_options", json.dumps(SMALL_SYNTHETIC),
+            "--output", str(report), "--no_progress"]
+    assert evaluate_main(argv) == 0
+    measured = json.loads(report.read_text())
+    recorded = json.loads((out / "eval_results.json").read_text())
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+        assert measured[key] == pytest.approx(recorded[key], abs=1e-6), key
