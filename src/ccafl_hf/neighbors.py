@@ -33,6 +33,17 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def to_faiss_device(index, use_gpu: bool | None = None):
+    """Move a faiss CPU ``index`` to the GPU when ``use_gpu`` (None: when faiss-gpu sees a GPU)."""
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    if not use_gpu:
+        return index
+    if not faiss_gpu_available():
+        raise RuntimeError("use_gpu=True but faiss has no GPU support here; install the `gpu` extra (faiss-gpu)")
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
 def build_flat_index(database: np.ndarray | torch.Tensor, metric: Metric = "ip", use_gpu: bool | None = None):
     """Exact (flat) faiss index over ``database [N, D]``; inner product or squared L2.
 
@@ -42,12 +53,7 @@ def build_flat_index(database: np.ndarray | torch.Tensor, metric: Metric = "ip",
     if metric not in ("ip", "l2"):
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     index = faiss.IndexFlatIP(xb.shape[1]) if metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    if use_gpu:
-        if not faiss_gpu_available():
-            raise RuntimeError("use_gpu=True but faiss has no GPU support here; install the `gpu` extra (faiss-gpu)")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index = to_faiss_device(index, use_gpu)
     index.add(xb)
     return index
 

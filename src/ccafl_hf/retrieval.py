@@ -37,7 +37,7 @@ from .data import ReIDCollator, build_eval_transform
 from .data.datasets.base import IMAGE_EXTENSIONS
 from .inference import extract_features
 from .modeling_ccafl import CCAFLModel
-from .neighbors import as_float32_numpy, build_flat_index, exact_knn, faiss_gpu_available
+from .neighbors import as_float32_numpy, build_flat_index, exact_knn, to_faiss_device
 from .processing import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
@@ -376,12 +376,7 @@ def build_index(
         raise RetrievalError(f"nlist must be between 1 and the number of vectors ({n}), got {nlist}")
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference to it
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    if use_gpu:
-        if not faiss_gpu_available():
-            raise RetrievalError("use_gpu=True but faiss has no GPU support here; install the `gpu` extra")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index = to_faiss_device(index, use_gpu)
     index.train(xb)
     index.add(xb)
     set_nprobe(index, max(1, nlist // 8) if nprobe is None else nprobe)
@@ -453,12 +448,7 @@ def load_index(path: str | os.PathLike, use_gpu: bool | None = None):
         index = faiss.read_index(str(path))
     except RuntimeError as error:
         raise RetrievalError(f"{path}: not a faiss index ({str(error).splitlines()[0]})") from None
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    if use_gpu:
-        if not faiss_gpu_available():
-            raise RetrievalError("use_gpu=True but faiss has no GPU support here; install the `gpu` extra")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index = to_faiss_device(index, use_gpu)
     return index
 
 
