@@ -104,3 +104,21 @@ def test_ical_raises_cross_camera_map_over_icdl(training_setup, tmp_path):
     assert {"cluster_purity", "num_accepted_pairs"} <= set(trainer.association_log[-1])
     assert (module.pseudo_labels >= 0).any()
     assert "pseudo_labels" in module.state_dict()
+
+
+def test_icdl_and_ical_under_bf16_autocast(training_setup, tmp_path):
+    """Accelerate mixed precision on the CPU (bf16): steps run, losses stay finite, fp32 memories."""
+    dataset, info, model, _, train_collator, eval_collator = training_setup
+    args = _args(tmp_path, bf16=True, iters_per_epoch=3, icdl_epochs=1, ical_epochs=1,
+                 adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    icdl = ICDLTrainer(module, args.stage_arguments("icdl"), dataset["train"], train_collator, eval_collator)
+    assert icdl.args.bf16
+    icdl.train()
+    ical = ICALTrainer(module, args.stage_arguments("ical"), dataset["train"], train_collator, eval_collator,
+                       epoch_offset=1)
+    result = ical.train()
+    assert np.isfinite(result.training_loss)
+    assert module.camera_memory.centroids.dtype == torch.float32
+    assert torch.isfinite(module.camera_memory.centroids).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

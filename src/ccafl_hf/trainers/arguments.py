@@ -104,8 +104,8 @@ class CCAFLTrainingArguments(TrainingArguments):
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
     def __post_init__(self):
-        if _multi_process_without_accelerator():
-            self.use_cpu = True  # several CPU processes (gloo): accelerate needs to be told
+        if not _cuda_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            self.use_cpu = True  # bf16 autocast or several processes (gloo) on a CPU: accelerate needs to be told
         if self.dataloader_pin_memory and not _cuda_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator
         super().__post_init__()
@@ -169,11 +169,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _multi_process_without_accelerator() -> bool:
-    """True under a multi-process launcher (torchrun / accelerate launch) on a machine without a GPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available()
 
 
 def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:
