@@ -235,3 +235,13 @@ def test_evaluate_script_reproduces_training_metrics(trained, tmp_path, monkeypa
     recorded = json.loads((out / "eval_results.json").read_text())
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
         assert measured[key] == pytest.approx(recorded[key], abs=1e-6), key
+
+
+def test_paper_preset_offline_fails_with_one_clear_line(tmp_path, capsys, monkeypatch):
+    """The real path (ViT-B/16 from the Hub) is implemented and, offline, says how to provide the weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = train_main(["--preset", "paper-market1501", "--output_dir", str(tmp_path / "out"),
+                       "--dataset_options", json.dumps(SMALL_SYNTHETIC)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "openai/clip-vit-base-patch16" in err[0] and "--model_name_or_path" in err[0]

@@ -228,17 +228,12 @@ def _load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
         return CLIPModel.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (
-            "The Hub is unreachable from here (HF_HUB_OFFLINE is set or there is no network) and the "
-            "checkpoint is not in the local cache. "
-            if offline
-            else ""
-        )
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
         raise OSError(
-            f"Could not load CLIP weights {str(name_or_path)!r}: {type(error).__name__}. {hint}"
-            f"Download them on a machine with network access (e.g. `hf download {name_or_path} "
-            "--local-dir ./clip-weights`), copy the folder here and pass its path instead "
-            "(--model_name_or_path ./clip-weights)."
+            f"Could not load CLIP weights {str(name_or_path)!r} ({type(error).__name__}: {reason}; it is not a "
+            "local folder or cached checkpoint either). Download them on a machine with network access (e.g. "
+            f"`hf download {name_or_path} --local-dir ./clip-weights`), copy the folder here and pass its path "
+            "instead (--model_name_or_path ./clip-weights)."
         ) from None
 
 

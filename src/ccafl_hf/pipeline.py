@@ -100,13 +100,13 @@ def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
         raise RunError(f"--config_overrides only applies to a model built from scratch (tiny), not {name}")
     config_file = Path(name) / "config.json"
     is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
-    tokenizer = load_tokenizer(model_args.tokenizer_name or name)
     if is_ccafl:
         model = CCAFLModel.from_pretrained(name)
         if size and tuple(model.config.image_size) != size:
             raise RunError(f"{name} runs at {model.config.image_size}; --image_size {size} would need a new conversion")
     else:
         model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
+    tokenizer = load_tokenizer(model_args.tokenizer_name or name)
     return model, build_reid_processor(model.config, tokenizer)
 
 
