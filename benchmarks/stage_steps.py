@@ -45,7 +45,12 @@ def main() -> None:
     parser.add_argument("--num_identities", type=int, default=3262)
     parser.add_argument("--num_cameras", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 gives stable ratios on a shared machine: with other jobs on the "
+                             "cores, multi-threaded small ops stall far more than large ones)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
         model, _ = create_tiny_model()

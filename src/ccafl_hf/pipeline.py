@@ -84,8 +84,9 @@ class RunError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ model
-def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
-    """The model and processor to start from: tiny preset, a CLIP checkpoint (converted) or a CCAFL one."""
+def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The model and processor to start from: tiny preset (randomly initialised from ``seed``), a CLIP
+    checkpoint (converted) or a CCAFL one."""
     size = tuple(model_args.image_size) if model_args.image_size else None
     if size is not None and len(size) != 2:
         raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
@@ -93,7 +94,7 @@ def build_model(model_args: ModelArguments) -> tuple[CCAFLModel, CLIPProcessor]:
     overrides = _config_overrides(model_args.config_overrides)
     if name == "tiny":
         try:
-            return create_tiny_model(**{**overrides, **({"image_size": size} if size else {})})
+            return create_tiny_model(seed=seed, **{**overrides, **({"image_size": size} if size else {})})
         except (TypeError, ValueError) as error:
             raise RunError(f"--config_overrides {model_args.config_overrides}: {error}") from None
     if overrides:
@@ -180,6 +181,8 @@ def run_training(
         (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
     process.wait_for_everyone()
     set_seed(args.seed)
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
 
     try:
         options = json.loads(data_args.dataset_options or "{}")
@@ -190,7 +193,7 @@ def run_training(
     if info.num_cameras < 2:
         raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
-    model, processor = build_model(model_args)
+    model, processor = build_model(model_args, seed=args.seed)
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
@@ -239,11 +242,12 @@ def run_training(
                 if Path(stage_args.output_dir).is_dir() else None
         if stage == "prompt":
             model.requires_grad_(False)
-            learner = IdentityPromptLearner(model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std)
-            learner.to(device)
             if done:
                 learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
             else:
+                learner = IdentityPromptLearner(
+                    model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std
+                ).to(device)
                 cache = FeatureCache.build(model, dataset["train"], eval_collator, args)
                 trainer = PromptLearningTrainer(learner, stage_args, cache)
                 trainer.train(resume_from_checkpoint=resume)
@@ -260,10 +264,6 @@ def run_training(
             if done:
                 module.load_state_dict(load_file(str(final_dir / STATE_FILE), device=str(device)))
             else:
-                if stage == "ical" and resume is None and "icdl" in args.stage_list:
-                    icdl_state = Path(args.stage_output_dir("icdl")) / "final" / STATE_FILE
-                    if icdl_state.is_file():
-                        module.load_state_dict(load_file(str(icdl_state), device=str(device)))
                 stage_args.ddp_find_unused_parameters = True
                 trainer_cls = ICDLTrainer if stage == "icdl" else ICALTrainer
                 extra = {"diagnostic_pids": info.identity_diagnostic_pids} if stage == "ical" else {}
