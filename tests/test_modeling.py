@@ -158,8 +158,9 @@ def test_trust_remote_code_without_package(tiny_model, tmp_path):
         torch.save(model.get_reid_features(pixels), tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import importlib.util, sys, torch
-        assert importlib.util.find_spec("ccafl_hf") is None, "ccafl_hf must not be importable here"
+        import sys
+        sys.modules["ccafl_hf"] = None  # this process cannot import the package (even when pip-installed)
+        import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
         with torch.no_grad():
@@ -176,3 +177,10 @@ def test_trust_remote_code_without_package(tiny_model, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK CCAFLModel" in result.stdout
+
+
+def test_blocked_package_import_really_fails():
+    """The remote-code tests block `ccafl_hf` with `sys.modules[...] = None`; check that this blocks it."""
+    script = 'import sys; sys.modules["ccafl_hf"] = None\ntry:\n    import ccafl_hf\nexcept ImportError:\n    print("blocked")'
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "blocked"

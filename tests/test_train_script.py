@@ -113,8 +113,9 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
     assert {"README.md", "model.safetensors", "modeling_ccafl.py", "prompt_adapter/adapter_config.json"} <= set(
         calls["commit"])
     script = textwrap.dedent(f"""
-        import importlib.util, torch
-        assert importlib.util.find_spec("ccafl_hf") is None
+        import sys
+        sys.modules["ccafl_hf"] = None  # this process cannot import the package (even when pip-installed)
+        import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(sent)!r}, trust_remote_code=True).eval()
         print(type(model).__name__, model.get_reid_features(torch.zeros(1, 3, *model.config.image_size)).shape)
