@@ -99,6 +99,14 @@ class CCAFLTrainingArguments(TrainingArguments):
     use_triplet_loss: bool = field(default=True, **_help("Triplet losses (batch-hard and centroid)."))
     use_adversarial_loss: bool = field(default=True, **_help("Camera-adversarial loss of stage 3."))
 
+    # ------------------------------------------------------------------ resources
+    torch_num_threads: int | None = field(
+        default=None,
+        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads) for the run; None = torch's default. "
+                "The demo preset sets 1: the tiny model's kernels are too small to gain from more threads, and on a "
+                "shared or busy CPU extra threads spin-wait (measured ~10x slower steps on 2 loaded cores)."),
+    )
+
     # ------------------------------------------------------------------ evaluation
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
@@ -117,6 +125,8 @@ class CCAFLTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1 or None, got {self.iters_per_epoch}")
+        if self.torch_num_threads is not None and self.torch_num_threads < 1:
+            raise ValueError(f"torch_num_threads must be >= 1 or None, got {self.torch_num_threads}")
         if not 0.0 <= self.random_erasing_prob <= 1.0:
             raise ValueError(f"random_erasing_prob must lie in [0, 1], got {self.random_erasing_prob}")
         if self.color_jitter < 0.0:
