@@ -102,7 +102,7 @@ class CCAFLTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ resources
     torch_num_threads: int | None = field(
         default=None,
-        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads) for the run; None = torch's default. "
+        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads, process-wide) for the run; None = torch's default. "
                 "The demo preset sets 1: the tiny model's kernels are too small to gain from more threads, and on a "
                 "shared or busy CPU extra threads spin-wait (measured ~10x slower steps on 2 loaded cores)."),
     )
