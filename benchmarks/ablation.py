@@ -24,7 +24,7 @@ Each "helps" line below the table compares a row with the one it builds on, per 
 pre-training: it is trained with person labels on a *disjoint* synthetic population (other people,
 other camera styles: dataset seed 1), then every run starts from it. The runs themselves still see
 only intra-camera labels of their own training data. With the random tower of the demo, stage 1
-has nothing to transfer (see docs/ablation.md); this shows what the prompts do when it has.
+has nothing to transfer (see the README, "Ablation on the synthetic dataset"); this shows what the prompts do when it has.
 
     python benchmarks/ablation.py                       # seeds 0 1, 2 runs at a time
     python benchmarks/ablation.py --quick               # smoke test: a few steps per stage, 1 seed
