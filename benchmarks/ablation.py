@@ -219,6 +219,8 @@ def main() -> int:
     (out / "ablation.json").write_text(json.dumps(
         {"seeds": seeds, "warm_start": args.warm_start, "extra_flags": extra, "table": table,
          "run_seconds": {f"{n}-seed{s}": r["seconds"] for (n, s), r in runs.items()}}, indent=2))
+    if args.warm_start:
+        text = "Every run starts from the warm-started tower (\"untrained\" = before CCAFL).\n\n" + text
     print(f"\n{text}\n\n{len(jobs)} runs in {total / 60:.1f} min; details in {out / 'ablation.json'}")
     if args.check:
         ok = all(

@@ -102,9 +102,9 @@ class CCAFLTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ resources
     torch_num_threads: int | None = field(
         default=None,
-        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads, process-wide) for the run; None = torch's default. "
-                "The demo preset sets 1: the tiny model's kernels are too small to gain from more threads, and on a "
-                "shared or busy CPU extra threads spin-wait (measured ~10x slower steps on 2 loaded cores)."),
+        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads, process-wide) for the run; None = "
+                "torch's default. The demo preset sets 1: the tiny model gains ~20% from a 2nd thread on an idle "
+                "2-core CPU but runs 2.5-10x slower with it when another job holds the other core (spin-waits)."),
     )
 
     # ------------------------------------------------------------------ evaluation
