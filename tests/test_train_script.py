@@ -246,3 +246,21 @@ def test_paper_preset_offline_fails_with_one_clear_line(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "openai/clip-vit-base-patch16" in err[0] and "--model_name_or_path" in err[0]
+
+
+def test_build_model_seed_overrides_and_errors():
+    """The demo's model options: the seed drives the tiny init, config overrides apply, bad ones are refused."""
+    from ccafl_hf.pipeline import ModelArguments, RunError, build_model
+
+    args = ModelArguments(config_overrides='{"vision_config": {"patch_size": 4}}')
+    first, _ = build_model(args, seed=0)
+    again, _ = build_model(args, seed=0)
+    other, _ = build_model(args, seed=1)
+    assert first.config.vision_config.patch_size == 4 and first.config.patch_grid == (16, 8)
+    weight = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(first.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
+    with pytest.raises(RunError, match="config_overrides"):
+        build_model(ModelArguments(config_overrides="{oops"))
+    with pytest.raises(RunError, match="config_overrides"):
+        build_model(ModelArguments(config_overrides='{"vision_config": {"patch_size": 7}}'))

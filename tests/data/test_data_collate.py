@@ -81,3 +81,18 @@ def test_corrupt_image_in_a_batch(market, caplog):
         batch = ReIDCollator(build_eval_transform(32, 16, MEAN, STD), on_corrupt="skip")(rows)
     assert batch["pixel_values"].shape[0] == 2 and "skipping an unreadable image" in caplog.text
     assert batch["intra_ids"].tolist() == [rows[0]["intra_id"], rows[2]["intra_id"]]
+
+
+def test_crop_padding_scales_with_the_input_height():
+    """The reference pads 10 px at 256×128; smaller inputs keep the same geometry (a bug fix)."""
+    from torchvision.transforms import v2
+
+    from ccafl_hf.data import build_train_transform
+
+    def padding(height, width):
+        steps = build_train_transform(height, width, [0.5] * 3, [0.5] * 3).transforms
+        return next(step.padding for step in steps if isinstance(step, v2.Pad))
+
+    assert padding(256, 128) in (10, [10], [10, 10, 10, 10])
+    small = padding(64, 32)
+    assert (small if isinstance(small, int) else small[0]) == 2
