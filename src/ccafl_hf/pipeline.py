@@ -279,7 +279,9 @@ def run_training(
         if done:
             stage_results[stage] = json.loads((final_dir / EVAL_FILE).read_text())
         else:
-            stage_results[stage] = evaluate(stage)
+            # stage 1 trains only the prompts (its trainer asserts the model is frozen): the image tower,
+            # hence the retrieval metrics, are those of the untrained model, so they are not recomputed
+            stage_results[stage] = dict(stage_results["untrained"]) if stage == "prompt" else evaluate(stage)
             if process.is_main_process:
                 final_dir.mkdir(parents=True, exist_ok=True)
                 (final_dir / EVAL_FILE).write_text(json.dumps(stage_results[stage]))

@@ -74,6 +74,17 @@ def check_features(x: ArrayLike, name: str) -> torch.Tensor:
     return t
 
 
+def check_feature_pair(query_features: ArrayLike, gallery_features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated ``query_features [Q, D]`` and ``gallery_features [G, D]`` (same ``D``) as tensors."""
+    qf = check_features(query_features, "query_features")
+    gf = check_features(gallery_features, "gallery_features")
+    if qf.shape[1] != gf.shape[1]:
+        raise ValueError(
+            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
+        )
+    return qf, gf
+
+
 def check_ids(x: ArrayLike, name: str, length: int, length_of: str, device: torch.device) -> torch.Tensor:
     """Validate a 1-D vector of integer ids with ``length`` entries; returns int64 on ``device``."""
     t = _as_tensor(x, name)
@@ -382,12 +393,7 @@ def compute_reid_metrics(
     metric = check_metric(metric)
     max_rank = _check_max_rank(max_rank)
     chunk_size = _check_chunk_size(chunk_size)
-    qf = check_features(query_features, "query_features")
-    gf = check_features(gallery_features, "gallery_features")
-    if qf.shape[1] != gf.shape[1]:
-        raise ValueError(
-            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
-        )
+    qf, gf = check_feature_pair(query_features, gallery_features)
     dtype = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
     qf = qf.to(dtype)
     gf = gf.to(device=qf.device, dtype=dtype)

@@ -41,7 +41,7 @@ from ..neighbors import exact_knn
 from .ranking import (
     ArrayLike,
     DistanceMetric,
-    check_features,
+    check_feature_pair,
     check_metric,
     pairwise_distance,
     prepare_features,
@@ -309,12 +309,7 @@ def rerank_from_features(
     """
     k1, k2, lambda_value = _check_params(k1, k2, lambda_value)
     metric = check_metric(metric)
-    qf = check_features(query_features, "query_features")
-    gf = check_features(gallery_features, "gallery_features")
-    if qf.shape[1] != gf.shape[1]:
-        raise ValueError(
-            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
-        )
+    qf, gf = check_feature_pair(query_features, gallery_features)
     if not prepared:
         qf, gf = prepare_features(qf, metric), prepare_features(gf, metric)
     gf = gf.to(device=qf.device, dtype=qf.dtype)
