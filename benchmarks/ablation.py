@@ -20,16 +20,16 @@ ICAL without prompts       stages 2–3 without either image–text loss
 
 Each "helps" line below the table compares a row with the one it builds on, per seed.
 
-``--warm_start`` first gives the tiny image tower prior knowledge, standing in for CLIP's
-pre-training: it is trained with person labels on a *disjoint* synthetic population (other people,
-other camera styles: dataset seed 1), then every run starts from it. The runs themselves still see
-only intra-camera labels of their own training data. With the random tower of the demo, stage 1
-has nothing to transfer (see the README, "Ablation on the synthetic dataset"); this shows what the prompts do when it has.
+The demo preset starts from ``tiny-pretrained``: the tiny CLIP pre-trained contrastively on captioned
+synthetic people of a *disjoint* population (`ccafl_hf.pretraining`), standing in for CLIP's
+pre-training; the runs themselves see only intra-camera labels of their own training data. To
+ablate from a randomly initialised tower instead (no vision–language prior: nothing for the prompts
+to transfer; see the README), pass ``-- --model_name_or_path tiny --config_overrides
+'{"vision_config": {"patch_size": 4}}'``.
 
     python benchmarks/ablation.py                       # seeds 0 1, 2 runs at a time
     python benchmarks/ablation.py --quick               # smoke test: a few steps per stage, 1 seed
     python benchmarks/ablation.py --seeds 0 1 2 --jobs 1 --output_dir outputs/ablation
-    python benchmarks/ablation.py --warm_start --output_dir outputs/ablation-warm
     python benchmarks/ablation.py -- --learning_rate 1e-3   # flags after "--" go to every run
 
 Runs whose output folder already holds ``eval_results.json`` are reused (``--rerun`` to redo them).
@@ -75,56 +75,6 @@ CHECKS = (
     ("adversarial loss", "+ICAL", "+ICAL w/o adversarial"),
 )
 QUICK_FLAGS = ["--prompt_epochs", "2", "--iters_per_epoch", "5"]
-#: synthetic population of --warm_start: the default size with another seed (other people and cameras)
-WARM_START_DATA = {"seed": 1}
-
-
-def warm_start_tower(folder: Path, steps: int, seed: int = 0) -> Path:
-    """Train the demo's tiny image tower with person labels on a disjoint synthetic population and
-    save it (model + processor) in ``folder``; reused when already there."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from ccafl_hf import create_tiny_model
-    from ccafl_hf.cli import load_preset
-    from ccafl_hf.data import ReIDCollator, build_train_transform, load_reid_dataset
-
-    torch.manual_seed(seed)
-    overrides = json.loads(load_preset("demo").get("config_overrides") or "{}")
-    model, processor = create_tiny_model(seed=seed, **overrides)
-    train = load_reid_dataset("synthetic", None, **WARM_START_DATA)["train"]
-    labels = torch.unique(torch.tensor(train["diagnostic_pid"]), return_inverse=True)[1]
-    train = train.add_column("index", list(range(len(train))))
-    height, width = model.config.image_size
-    transform = build_train_transform(height, width, processor.image_processor.image_mean,
-                                      processor.image_processor.image_std, erasing_p=0.0)
-    batch_size = 64
-    sampler = RandomSampler(train, replacement=True, num_samples=steps * batch_size,
-                            generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=ReIDCollator(transform))
-    classifier = torch.nn.Parameter(0.01 * torch.randn(int(labels.max()) + 1, model.reid_feature_dim))
-    params = [*model.vision_model.parameters(), model.neck.weight, classifier]
-    optimizer = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
-    model.train()
-    for step, batch in enumerate(loader):
-        features = model(batch["pixel_values"]).reid_features
-        logits = features @ F.normalize(classifier, dim=1).t() / 0.05  # cosine classifier, as the memories
-        loss = F.cross_entropy(logits, labels[batch["indices"]])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % 200 == 0:
-            print(f"  warm start: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def run_one(name: str, seed: int, out: Path, extra: list[str], rerun: bool) -> dict:
     """One ``scripts/train.py`` run (a subprocess, so runs can go in parallel); returns its results."""
     run_dir = out / f"{name}-seed{seed}"
@@ -189,22 +139,12 @@ def main() -> int:
     parser.add_argument("--output_dir", default="outputs/ablation", help="one folder per run, logs, ablation.json")
     parser.add_argument("--rerun", action="store_true", help="redo runs that already have results")
     parser.add_argument("--check", action="store_true", help="exit 1 unless every stage helps on every seed")
-    parser.add_argument("--warm_start", action="store_true",
-                        help="start every run from a tiny tower pre-trained on a disjoint synthetic population")
-    parser.add_argument("--warm_start_steps", type=int, default=800, help="steps (batch 64) of that pre-training")
     parser.add_argument("extra", nargs="*", help="flags passed to every scripts/train.py run (after --)")
     args = parser.parse_args()
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     extra = (QUICK_FLAGS if args.quick else []) + list(args.extra)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    if args.warm_start:
-        start = time.perf_counter()
-        steps = 20 if args.quick else args.warm_start_steps
-        tower = warm_start_tower(out.resolve() / f"warm_start_model-{steps}steps", steps)
-        print(f"warm-started tower in {tower} ({time.perf_counter() - start:.0f} s)", flush=True)
-        extra = ["--model_name_or_path", str(tower), "--config_overrides", "", *extra]
 
     jobs = [(name, seed) for seed in seeds for name in RUNS]
     print(f"{len(jobs)} runs ({len(RUNS)} variants x {len(seeds)} seeds), {args.jobs} at a time, in {out}", flush=True)
@@ -217,10 +157,8 @@ def main() -> int:
     table = collect(runs, seeds)
     text = markdown(table, seeds)
     (out / "ablation.json").write_text(json.dumps(
-        {"seeds": seeds, "warm_start": args.warm_start, "extra_flags": extra, "table": table,
+        {"seeds": seeds, "extra_flags": extra, "table": table,
          "run_seconds": {f"{n}-seed{s}": r["seconds"] for (n, s), r in runs.items()}}, indent=2))
-    if args.warm_start:
-        text = "Every run starts from the warm-started tower (\"untrained\" = before CCAFL).\n\n" + text
     print(f"\n{text}\n\n{len(jobs)} runs in {total / 60:.1f} min; details in {out / 'ablation.json'}")
     if args.check:
         ok = all(

@@ -22,7 +22,7 @@ from synthetic_options import SMALL_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_RUN = [
-    "--dataset_options", json.dumps(SMALL_SYNTHETIC),
+    "--model_name_or_path", "tiny", "--dataset_options", json.dumps(SMALL_SYNTHETIC),
     "--prompt_epochs", "3", "--icdl_epochs", "2", "--ical_epochs", "3", "--iters_per_epoch", "4",
     "--ical_image_text_start_epoch", "2", "--adversarial_start_epoch", "3", "--adversarial_end_epoch", "4",
     "--disable_tqdm", "true",
@@ -196,7 +196,7 @@ def test_presets_and_flags(tmp_path):
     demo = load_preset("demo")
     model_args, data_args, args = parse_train_args(["--output_dir", str(tmp_path)])
     assert data_args.dataset == "synthetic" and data_args.preset == "demo"
-    assert model_args.model_name_or_path == demo["model_name_or_path"] == "tiny"
+    assert model_args.model_name_or_path == demo["model_name_or_path"] == "tiny-pretrained"
     assert args.icdl_epochs == demo["icdl_epochs"]
     # explicit flags override the preset; dataset and preset are independent
     model_args, data_args, args = parse_train_args(

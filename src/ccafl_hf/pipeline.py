@@ -27,6 +27,7 @@ from .data import (
 )
 from .inference import METRIC_KEYS, evaluate_reid_model
 from .modeling_ccafl import CCAFLModel
+from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
 from .tiny import create_tiny_model
@@ -51,8 +52,9 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="tiny",
-        metadata={"help": "'tiny' (random tiny CLIP, offline demo), a CLIP checkpoint (Hub id or folder, e.g. "
-                          "openai/clip-vit-base-patch16) or a saved CCAFL model folder."},
+        metadata={"help": "'tiny' (random tiny CLIP, tests), 'tiny-pretrained' (the tiny CLIP pre-trained on "
+                          "captioned synthetic people, built on first use and cached: the demo), a CLIP checkpoint "
+                          "(Hub id or folder, e.g. openai/clip-vit-base-patch16) or a saved CCAFL model folder."},
     )
     image_size: list[int] | None = field(
         default=None, metadata={"help": "ReID input as HEIGHT WIDTH (default 256 128; the tiny model: 64 32)."}
@@ -85,8 +87,9 @@ class RunError(ValueError):
 
 # ------------------------------------------------------------------------------------------ model
 def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, CLIPProcessor]:
-    """The model and processor to start from: tiny preset (randomly initialised from ``seed``), a CLIP
-    checkpoint (converted) or a CCAFL one."""
+    """The model and processor to start from: tiny preset (randomly initialised from ``seed``), the
+    pre-trained tiny CLIP (`ccafl_hf.pretraining`, built on first use), a CLIP checkpoint (converted)
+    or a CCAFL one."""
     size = tuple(model_args.image_size) if model_args.image_size else None
     if size is not None and len(size) != 2:
         raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
@@ -99,6 +102,11 @@ def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, 
             raise RunError(f"--config_overrides {model_args.config_overrides}: {error}") from None
     if overrides:
         raise RunError(f"--config_overrides only applies to a model built from scratch (tiny), not {name}")
+    if name == TINY_PRETRAINED_NAME:
+        model, processor = load_tiny_pretrained()
+        if size and tuple(model.config.image_size) != size:
+            raise RunError(f"{name} runs at {tuple(model.config.image_size)}, not --image_size {size}")
+        return model, processor
     config_file = Path(name) / "config.json"
     is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
     if is_ccafl:
@@ -193,7 +201,8 @@ def run_training(
     if info.num_cameras < 2:
         raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
-    model, processor = build_model(model_args, seed=args.seed)
+    with process.main_process_first():  # a model built on first use (tiny-pretrained) is built once
+        model, processor = build_model(model_args, seed=args.seed)
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size

@@ -42,16 +42,38 @@ def build_tiny_tokenizer(words: Iterable[str] = TINY_VOCAB_WORDS) -> CLIPTokeniz
         add(char)
         add(char + "</w>")
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words}):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merges.append((current, piece))
-            current += piece
-            add(current)
+        # BPE as the tokenizer runs it with the merges so far; then chain the pieces left to right.
+        # Appended merges rank last, so words added earlier still end as one token.
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            add(pair[0] + pair[1])
+            pieces = [pair[0] + pair[1], *pieces[2:]]
     add("<|startoftext|>")
     add("<|endoftext|>")
     return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging of ``pieces`` with the merge ``ranks`` (lowest rank first, every occurrence)."""
+    while len(pieces) > 1:
+        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, len(ranks) + 1))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -45,9 +45,12 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase | None = None, **overrides: A
     return CCAFLConfig(text_config=text_config, vision_config=vision_config, **defaults)
 
 
-def create_tiny_model(seed: int = 0, **overrides: Any) -> tuple[CCAFLModel, CLIPProcessor]:
-    """A randomly initialised tiny `CCAFLModel` and its processor (tokenizer built in code)."""
-    tokenizer = build_tiny_tokenizer()
+def create_tiny_model(
+    seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None, **overrides: Any
+) -> tuple[CCAFLModel, CLIPProcessor]:
+    """A randomly initialised tiny `CCAFLModel` and its processor (``tokenizer`` default: the tiny
+    one built in code; the text vocabulary follows it)."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     config = tiny_config(tokenizer, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

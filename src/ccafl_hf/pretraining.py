@@ -1,0 +1,238 @@
+"""A tiny CLIP with a vision–language prior: contrastive pre-training on captioned synthetic people.
+
+CCAFL transfers CLIP's knowledge: stage 1 learns, through the frozen text tower, one prompt per
+identity that matches that identity's images, and the image–text losses of stages 2–3 pull the
+image features towards those text features. With a *randomly initialised* tiny CLIP there is
+nothing to transfer (the prompts can only memorise the untrained, camera-dominated image
+features), so the demo and the ablation start from ``"tiny-pretrained"``: the same tiny
+architecture pre-trained the way CLIP is — symmetric image–text contrastive loss on (image, caption)
+pairs — on a synthetic population that is *disjoint* from the ReID data (other people, other
+cameras). Captions are attribute descriptions of each person's true look
+(`ccafl_hf.data.synthetic.describe_look`); no ReID label of the training data is ever used.
+
+The model is built on first use (about a minute on a CPU core) and cached in
+``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>`` (default cache ``~/.cache/ccafl_hf``)::
+
+    from ccafl_hf.pretraining import load_tiny_pretrained
+    model, processor = load_tiny_pretrained()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import CLIPProcessor, get_cosine_schedule_with_warmup
+
+from .data import ReIDCollator, build_eval_transform, load_reid_dataset
+from .data.synthetic import CAPTION_WORDS, identity_caption
+from .modeling_ccafl import CCAFLModel
+from .processing import TINY_VOCAB_WORDS, build_tiny_tokenizer
+from .tiny import create_tiny_model
+
+logger = logging.getLogger(__name__)
+
+#: ``--model_name_or_path`` value that selects the cached pre-trained tiny CLIP.
+TINY_PRETRAINED_NAME = "tiny-pretrained"
+PRETRAINING_FILE = "pretraining.json"
+PRETRAINING_VERSION = 1  # bump when the recipe changes, so cached models are rebuilt
+
+
+@dataclass(frozen=True)
+class TinyCLIPPretrainingConfig:
+    """Recipe of the pre-trained tiny CLIP (every field enters the cache fingerprint).
+
+    Attributes:
+        population_seed: seed of the synthetic population (the ReID demo data uses seed 0: other people
+            and other camera styles).
+        num_identities / num_cameras / images_per_identity_per_camera: size of that population.
+        patch_size: vision patch size of the tiny tower (4: 16×8 patches at 64×32, as the demo).
+        max_text_length: text positions (captions are at most ~35 tokens).
+        steps / batch_size: optimisation steps; each batch holds distinct people (no false negatives).
+        learning_rate / weight_decay / warmup_steps: AdamW with cosine decay after linear warm-up.
+        seed: model initialisation, batch sampling and augmentation.
+    """
+
+    population_seed: int = 1
+    num_identities: int = 1000
+    num_cameras: int = 8
+    images_per_identity_per_camera: int = 2
+    patch_size: int = 4
+    max_text_length: int = 48
+    steps: int = 1000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        """Short hash naming the cache folder of this recipe."""
+        payload = json.dumps({**asdict(self), "version": PRETRAINING_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def population_options(self) -> dict:
+        """`load_reid_dataset("synthetic", ...)` options of the pre-training population."""
+        return {
+            "num_train_identities": self.num_identities,
+            "num_test_identities": 1,
+            "num_cameras": self.num_cameras,
+            "images_per_identity_per_camera": self.images_per_identity_per_camera,
+            "num_distractors": 0,
+            "seed": self.population_seed,
+        }
+
+
+def default_pretrained_root(config: TinyCLIPPretrainingConfig) -> Path:
+    """``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>``."""
+    base = os.environ.get("CCAFL_HF_CACHE") or os.path.join("~", ".cache", "ccafl_hf")
+    return Path(base).expanduser() / "models" / f"{TINY_PRETRAINED_NAME}-{config.fingerprint()}"
+
+
+def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random flip, scale (0.9–1.1) and shift (±8 %) of ``pixels [B, 3, H, W]`` in one
+    ``grid_sample`` call (vectorised; the border is replicated)."""
+    batch = pixels.shape[0]
+    scale = torch.empty(batch).uniform_(0.9, 1.1, generator=generator)
+    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    shift = torch.empty(batch, 2).uniform_(-0.08, 0.08, generator=generator)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = flip / scale
+    theta[:, 1, 1] = 1.0 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(pixels), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)
+
+
+def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's symmetric InfoNCE over a batch of matching pairs.
+
+    Args:
+        image_features / text_features: ``[B, P]`` projected features (row i of each is a pair).
+        logit_scale: log of the inverse temperature (CLIP's learnable scalar).
+    Returns:
+        ``(loss, accuracy)``: the mean of the image→text and text→image cross-entropies, and the
+        fraction of images whose best caption is their own.
+    """
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * image_features @ text_features.t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    accuracy = (logits.argmax(dim=1) == targets).float().mean()
+    return loss, accuracy
+
+
+def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
+                       show_progress: bool = True) -> tuple[CCAFLModel, CLIPProcessor, dict]:
+    """Pre-train a tiny CLIP contrastively on captioned synthetic people (see the module docstring).
+
+    Returns:
+        ``(model, processor, summary)``; the processor's tokenizer keeps the prompt template's and
+        the captions' words whole. ``summary`` holds the recipe and the final loss / accuracy.
+    """
+    config = config or TinyCLIPPretrainingConfig()
+    population = load_reid_dataset("synthetic", None, **config.population_options())["train"]
+    identities = torch.tensor(population["diagnostic_pid"])
+    people, image_person = torch.unique(identities, return_inverse=True)  # person index of every image
+
+    tokenizer = build_tiny_tokenizer((*TINY_VOCAB_WORDS, *CAPTION_WORDS))
+    model, processor = create_tiny_model(
+        seed=config.seed, tokenizer=tokenizer, vision_config={"patch_size": config.patch_size},
+        text_config={"max_position_embeddings": config.max_text_length},
+    )
+    captions = [identity_caption(config.population_seed, int(pid)) for pid in people]
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    if tokens["input_ids"].shape[1] > config.max_text_length:
+        raise ValueError(f"captions need {tokens['input_ids'].shape[1]} text positions, max_text_length is "
+                         f"{config.max_text_length}")
+
+    # every image decoded once at the model's size; augmentation is then one batched grid_sample
+    height, width = model.config.image_size
+    image_processor = processor.image_processor
+    loader = DataLoader(population, batch_size=256, collate_fn=ReIDCollator(
+        build_eval_transform(height, width, image_processor.image_mean, image_processor.image_std)))
+    pixels = torch.cat([batch["pixel_values"] for batch in loader])
+    images_of = [torch.nonzero(image_person == p).flatten() for p in range(len(people))]
+    counts = torch.tensor([len(i) for i in images_of])
+    offsets = torch.cumsum(counts, 0) - counts
+    by_person = torch.cat(images_of)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad and p is not model.neck.weight],
+        lr=config.learning_rate, weight_decay=config.weight_decay,
+    )
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    batch_size = min(config.batch_size, len(people))
+    final = {"final_loss": None, "final_batch_accuracy": None}
+    model.train()
+    progress = tqdm(range(config.steps), desc="pre-training the tiny CLIP", disable=not show_progress)
+    for _ in progress:
+        chosen = torch.randperm(len(people), generator=generator)[:batch_size]  # distinct people
+        pick = offsets[chosen] + (torch.rand(batch_size, generator=generator) * counts[chosen]).long()
+        images = _augment(pixels[by_person[pick]], generator)
+        image_features = model(images).alignment_features
+        text_features = model.get_text_features(
+            input_ids=tokens["input_ids"][chosen], attention_mask=tokens["attention_mask"][chosen]
+        ).pooler_output
+        loss, accuracy = clip_contrastive_loss(image_features, text_features, model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        final = {"final_loss": round(loss.item(), 4), "final_batch_accuracy": round(accuracy.item(), 4)}
+        progress.set_postfix(loss=f"{final['final_loss']:.3f}", acc=f"{final['final_batch_accuracy']:.2f}",
+                             refresh=False)
+    model.eval()
+    summary = {"recipe": asdict(config), "version": PRETRAINING_VERSION, **final, "num_people": len(people),
+               "num_images": len(population), "example_caption": captions[0]}
+    return model, processor, summary
+
+
+def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
+                         root: str | os.PathLike | None = None) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The pre-trained tiny CLIP of ``config``: loaded from ``root`` (default
+    `default_pretrained_root`), or pre-trained and saved there first (under a file lock, written to a
+    temporary folder renamed into place: concurrent processes build it once and never see it half
+    written)."""
+    config = config or TinyCLIPPretrainingConfig()
+    root = Path(root).expanduser() if root is not None else default_pretrained_root(config)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / f".{root.name}.lock")):  # one process builds it, the others wait
+        if not (root / PRETRAINING_FILE).is_file():
+            logger.warning("pre-training the tiny CLIP on captioned synthetic people (first use, a few minutes on "
+                           "a CPU; cached in %s)", root)
+            model, processor, summary = pretrain_tiny_clip(config)
+            temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+            try:
+                model.save_pretrained(temp)
+                processor.save_pretrained(temp)
+                (temp / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2))
+                os.replace(temp, root)
+            finally:
+                shutil.rmtree(temp, ignore_errors=True)
+    model = CCAFLModel.from_pretrained(root)
+    return model, CLIPProcessor.from_pretrained(root)
+
+
+__all__ = [
+    "TINY_PRETRAINED_NAME",
+    "TinyCLIPPretrainingConfig",
+    "clip_contrastive_loss",
+    "default_pretrained_root",
+    "load_tiny_pretrained",
+    "pretrain_tiny_clip",
+]
