@@ -264,3 +264,12 @@ def test_build_model_seed_overrides_and_errors():
         build_model(ModelArguments(config_overrides="{oops"))
     with pytest.raises(RunError, match="config_overrides"):
         build_model(ModelArguments(config_overrides='{"vision_config": {"patch_size": 7}}'))
+
+
+def test_card_base_model_only_for_hub_ids(tmp_path):
+    """The card's ``base_model`` links a Hub model; built-in tiny models and local folders are left out."""
+    from ccafl_hf.model_card import _hub_base_model
+
+    assert _hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert _hub_base_model("tiny") is None and _hub_base_model("tiny-pretrained") is None
+    assert _hub_base_model(str(tmp_path)) is None

@@ -8,6 +8,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .pretraining import TINY_PRETRAINED_NAME
+
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
 #: Hub dataset ids used in the card metadata (data, not code branches).
@@ -63,7 +65,7 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
         datasets=[HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else None,
         model_name=repo_id,
         eval_results=eval_results,
-        base_model=None if model_args.model_name_or_path == "tiny" else model_args.model_name_or_path,
+        base_model=_hub_base_model(model_args.model_name_or_path),
     )
     vision = model.config.vision_config
     architecture = (
@@ -102,4 +104,13 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
     )
 
 
+def _hub_base_model(name: str) -> str | None:
+    """``name`` when it is a Hub model id (the card's ``base_model``); None for the built-in tiny models
+    and local folders, which the Hub could not link to."""
+    if name in ("tiny", TINY_PRETRAINED_NAME) or Path(name).exists():
+        return None
+    return name
+
+
 __all__ = ["render_model_card"]
+

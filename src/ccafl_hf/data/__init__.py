@@ -29,7 +29,14 @@ from .datasets import (
 from .errors import ReIDDatasetError
 from .images import find_corrupt_images, load_image
 from .samplers import RandomIdentityBatchSampler, RandomIdentitySampler
-from .synthetic import SyntheticReIDConfig, default_synthetic_root, generate_synthetic_reid, render_image
+from .synthetic import (
+    SyntheticReIDConfig,
+    default_synthetic_root,
+    describe_look,
+    generate_synthetic_reid,
+    identity_caption,
+    render_image,
+)
 from .transforms import build_eval_transform, build_train_transform
 
 __all__ = [
@@ -48,8 +55,10 @@ __all__ = [
     "build_train_transform",
     "dataset_summary",
     "default_synthetic_root",
+    "describe_look",
     "find_corrupt_images",
     "generate_synthetic_reid",
+    "identity_caption",
     "intra_camera_index",
     "load_image",
     "load_reid_dataset",
