@@ -36,8 +36,10 @@ def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("CCAFL_HF_CACHE")
     os.environ["CCAFL_HF_CACHE"] = str(cache)
+    threads = torch.get_num_threads()
     try:
         assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
+        assert torch.get_num_threads() == threads  # the demo preset's --torch_num_threads 1 is for the run only
     finally:
         if old is None:
             os.environ.pop("CCAFL_HF_CACHE")
@@ -273,3 +275,32 @@ def test_card_base_model_only_for_hub_ids(tmp_path):
     assert _hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
     assert _hub_base_model("tiny") is None and _hub_base_model("tiny-pretrained") is None
     assert _hub_base_model(str(tmp_path)) is None
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
+    """SIGKILL during a save leaves a checkpoint folder without trainer_state.json (written last): resume
+    takes the newest complete one and deletes the partial one so that step is saved again."""
+    from ccafl_hf.pipeline import last_complete_checkpoint
+
+    stage = tmp_path / "ical"
+    for step in (2, 4, 10):
+        (stage / f"checkpoint-{step}").mkdir(parents=True)
+        (stage / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+    (stage / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (stage / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (stage / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
+    assert last_complete_checkpoint(stage) == str(stage / "checkpoint-4")  # numeric order: 10 > 4
+    assert (stage / "checkpoint-10").exists()
+    assert last_complete_checkpoint(stage, discard_incomplete=True) == str(stage / "checkpoint-4")
+    assert not (stage / "checkpoint-10").exists()
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_explicit_partial_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    partial = out / "checkpoints" / "icdl" / "checkpoint-3"
+    partial.mkdir(parents=True)
+    code = train_main(["--output_dir", str(out), *SMALL_RUN, "--resume_from_checkpoint", str(partial)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "written only in part" in err[0], err
+    assert not (out / "model.safetensors").exists()

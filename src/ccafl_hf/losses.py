@@ -60,7 +60,8 @@ def _check_matrix(x: torch.Tensor, name: str, rows: int | None = None, cols: int
 def _check_labels(labels: torch.Tensor, name: str, size: int, upper: int | None = None, allow_unlabelled: bool = False) -> None:
     """Raise ``ValueError`` unless ``labels`` is an integer ``[size]`` tensor with values in range.
 
-    Values must lie in ``[0, upper)`` (``[-1, upper)`` when ``allow_unlabelled``).
+    Values must lie in ``[0, upper)`` (``[-1, upper)`` when ``allow_unlabelled``); on an accelerator the
+    range is asserted on the device, without a host sync.
     """
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != size:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
@@ -70,6 +71,11 @@ def _check_labels(labels: torch.Tensor, name: str, size: int, upper: int | None 
     if upper is None or labels.numel() == 0:
         return
     low = -1 if allow_unlabelled else 0
+    if labels.device.type != "cpu":
+        # on an accelerator a host-side check would stall every step: assert on the device instead
+        # (the step fails with a device-side assertion rather than computing a wrong loss)
+        torch._assert_async(((labels >= low) & (labels < upper)).all(), f"{name} out of range [{low}, {upper - 1}]")
+        return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < low or hi >= upper:
         raise ValueError(f"{name} must lie in [{low}, {upper - 1}], got values in [{lo}, {hi}]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from transformers import CLIPProcessor, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import (
     ReIDCollator,
@@ -44,6 +46,7 @@ EVAL_FILE = "eval_results.json"
 TEXT_FEATURES_FILE = "text_features.safetensors"
 ADAPTER_DIR = "prompt_adapter"
 STATE_FILE = "training_state.safetensors"
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 @dataclass
@@ -176,11 +179,23 @@ def run_training(
     """Run the requested stages (resuming what a previous run of the same settings left) and write
     the model, processor, prompt adapter, text features, ``eval_results.json`` and model card.
 
+    ``--torch_num_threads`` applies for the run only: the caller's thread count is restored after.
     Returns the content of ``eval_results.json``.
     """
+    threads = torch.get_num_threads()
+    if args.torch_num_threads is not None:
+        torch.set_num_threads(args.torch_num_threads)
+    try:
+        return _run_stages(model_args, data_args, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
     device = args.device  # sets up the (distributed) state of this process
     process = PartialState()
     resuming = prepare_output_dir(model_args, data_args, args)
+    explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
     out = Path(args.output_dir)
     if process.is_main_process:
         if args.overwrite_output_dir and (out / "checkpoints").exists():
@@ -189,8 +204,6 @@ def run_training(
         (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
     process.wait_for_everyone()
     set_seed(args.seed)
-    if args.torch_num_threads is not None:
-        torch.set_num_threads(args.torch_num_threads)
 
     try:
         options = json.loads(data_args.dataset_options or "{}")
@@ -239,7 +252,6 @@ def run_training(
     tokenizer = processor.tokenizer
     text_features = None
     module: CCAFLForTraining | None = None
-    explicit = _explicit_checkpoint(args)
 
     for stage in args.stage_list:
         stage_args = args.stage_arguments(stage)
@@ -247,8 +259,9 @@ def run_training(
         done = resuming and (final_dir / EVAL_FILE).is_file() and (explicit is None or explicit[0] != stage)
         resume = None
         if resuming and not done:
-            resume = explicit[1] if explicit and explicit[0] == stage else get_last_checkpoint(stage_args.output_dir) \
-                if Path(stage_args.output_dir).is_dir() else None
+            resume = explicit[1] if explicit and explicit[0] == stage else last_complete_checkpoint(
+                stage_args.output_dir, discard_incomplete=process.is_main_process)
+            process.wait_for_everyone()
         if stage == "prompt":
             model.requires_grad_(False)
             if done:
@@ -306,6 +319,35 @@ def run_training(
     return results
 
 
+def _checkpoint_is_complete(folder: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last: a checkpoint without a readable one was cut off."""
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(folder: str | Path, discard_incomplete: bool = False) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was completely written, or None.
+
+    A run killed while saving leaves a partial folder; it is skipped (and deleted when
+    ``discard_incomplete``, so the resumed run can write that step again).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in folder.iterdir()
+             if path.is_dir() and (m := _CHECKPOINT.fullmatch(path.name))]
+    for _, path in sorted(found, reverse=True):
+        if _checkpoint_is_complete(path):
+            return str(path)
+        logger.warning("skipping %s: written only in part (the run was stopped while saving it)", path)
+        if discard_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None:
     """``(stage, path)`` of an explicit ``--resume_from_checkpoint PATH`` inside this run's folder."""
     value = args.resume_from_checkpoint
@@ -320,6 +362,9 @@ def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None
             f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
             f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"
         )
+    if not _checkpoint_is_complete(path):
+        raise RunError(f"--resume_from_checkpoint {value} was written only in part (no readable "
+                       f"{TRAINER_STATE_NAME}); pass --resume_from_checkpoint true for the last complete one")
     return path.parent.name, str(path)
 
 
