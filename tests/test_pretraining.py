@@ -152,3 +152,10 @@ def test_build_model_tiny_pretrained_uses_the_cache(pretrained, monkeypatch, tmp
         build_model(ModelArguments(model_name_or_path="tiny-pretrained", image_size=[128, 64]))
     with pytest.raises(RunError, match="config_overrides"):
         build_model(ModelArguments(model_name_or_path="tiny-pretrained", config_overrides='{"projection_dim": 8}'))
+
+
+def test_bad_recipe_is_refused_by_name():
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        TinyCLIPPretrainingConfig(batch_size=1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TinyCLIPPretrainingConfig(learning_rate=0.0)

@@ -77,6 +77,16 @@ class TinyCLIPPretrainingConfig:
     warmup_steps: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be >= {low}, got {getattr(self, name)}" for name, low in (
+            ("num_identities", 2), ("num_cameras", 2), ("images_per_identity_per_camera", 2), ("patch_size", 1),
+            ("max_text_length", 8), ("steps", 0), ("batch_size", 2), ("warmup_steps", 0)) if getattr(self, name) < low]
+        if not self.learning_rate > 0 or self.weight_decay < 0:
+            problems.append(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
+                            f"{self.weight_decay}")
+        if problems:
+            raise ValueError("TinyCLIPPretrainingConfig: " + "; ".join(problems))
+
     def fingerprint(self) -> str:
         """Short hash naming the cache folder of this recipe."""
         payload = json.dumps({**asdict(self), "version": PRETRAINING_VERSION}, sort_keys=True)
