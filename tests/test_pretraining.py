@@ -159,3 +159,10 @@ def test_bad_recipe_is_refused_by_name():
         TinyCLIPPretrainingConfig(batch_size=1)
     with pytest.raises(ValueError, match="learning_rate"):
         TinyCLIPPretrainingConfig(learning_rate=0.0)
+
+
+def test_root_with_other_files_is_not_overwritten(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="other files"):
+        load_tiny_pretrained(SMALL_RECIPE, root=tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

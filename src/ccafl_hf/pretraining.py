@@ -223,6 +223,9 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root.parent / f".{root.name}.lock")):  # one process builds it, the others wait
         if not (root / PRETRAINING_FILE).is_file():
+            if root.exists() and any(root.iterdir()):
+                raise FileExistsError(f"{root} holds other files (no {PRETRAINING_FILE}); choose another root or "
+                                      "delete it")
             logger.warning("pre-training the tiny CLIP on captioned synthetic people (first use, a few minutes on "
                            "a CPU; cached in %s)", root)
             model, processor, summary = pretrain_tiny_clip(config)
@@ -231,6 +234,8 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
                 model.save_pretrained(temp)
                 processor.save_pretrained(temp)
                 (temp / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2))
+                if root.exists():
+                    root.rmdir()  # an empty placeholder
                 os.replace(temp, root)
             finally:
                 shutil.rmtree(temp, ignore_errors=True)
