@@ -113,4 +113,3 @@ def _hub_base_model(name: str) -> str | None:
 
 
 __all__ = ["render_model_card"]
-

@@ -214,8 +214,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
     if info.num_cameras < 2:
         raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
-    with process.main_process_first():  # a model built on first use (tiny-pretrained) is built once
-        model, processor = build_model(model_args, seed=args.seed)
+    model, processor = build_model(model_args, seed=args.seed)  # tiny-pretrained: built once, under a file lock
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size

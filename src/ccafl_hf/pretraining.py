@@ -10,7 +10,7 @@ pairs — on a synthetic population that is *disjoint* from the ReID data (other
 cameras). Captions are attribute descriptions of each person's true look
 (`ccafl_hf.data.synthetic.describe_look`); no ReID label of the training data is ever used.
 
-The model is built on first use (about a minute on a CPU core) and cached in
+The model is built on first use (about three minutes on a CPU core) and cached in
 ``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>`` (default cache ``~/.cache/ccafl_hf``)::
 
     from ccafl_hf.pretraining import load_tiny_pretrained
@@ -19,12 +19,9 @@ The model is built on first use (about a minute on a CPU core) and cached in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPProcessor, get_cosine_schedule_with_warmup
 
+from .cache import cache_dir, fingerprint, write_folder_atomically
 from .data import ReIDCollator, build_eval_transform, load_reid_dataset
 from .data.synthetic import CAPTION_WORDS, identity_caption
 from .modeling_ccafl import CCAFLModel
@@ -47,6 +45,7 @@ logger = logging.getLogger(__name__)
 TINY_PRETRAINED_NAME = "tiny-pretrained"
 PRETRAINING_FILE = "pretraining.json"
 PRETRAINING_VERSION = 1  # bump when the recipe changes, so cached models are rebuilt
+_LOG_EVERY = 50  # steps between progress-bar updates of the loss and accuracy
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,7 @@ class TinyCLIPPretrainingConfig:
 
     def fingerprint(self) -> str:
         """Short hash naming the cache folder of this recipe."""
-        payload = json.dumps({**asdict(self), "version": PRETRAINING_VERSION}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return fingerprint({**asdict(self), "version": PRETRAINING_VERSION})
 
     def population_options(self) -> dict:
         """`load_reid_dataset("synthetic", ...)` options of the pre-training population."""
@@ -106,8 +104,7 @@ class TinyCLIPPretrainingConfig:
 
 def default_pretrained_root(config: TinyCLIPPretrainingConfig) -> Path:
     """``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>``."""
-    base = os.environ.get("CCAFL_HF_CACHE") or os.path.join("~", ".cache", "ccafl_hf")
-    return Path(base).expanduser() / "models" / f"{TINY_PRETRAINED_NAME}-{config.fingerprint()}"
+    return cache_dir("models", f"{TINY_PRETRAINED_NAME}-{config.fingerprint()}")
 
 
 def _augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -175,10 +172,9 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
     loader = DataLoader(population, batch_size=256, collate_fn=ReIDCollator(
         build_eval_transform(height, width, image_processor.image_mean, image_processor.image_std)))
     pixels = torch.cat([batch["pixel_values"] for batch in loader])
-    images_of = [torch.nonzero(image_person == p).flatten() for p in range(len(people))]
-    counts = torch.tensor([len(i) for i in images_of])
+    by_person = torch.argsort(image_person, stable=True)  # image indices grouped by person
+    counts = torch.bincount(image_person, minlength=len(people))
     offsets = torch.cumsum(counts, 0) - counts
-    by_person = torch.cat(images_of)
 
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
@@ -190,7 +186,7 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
     final = {"final_loss": None, "final_batch_accuracy": None}
     model.train()
     progress = tqdm(range(config.steps), desc="pre-training the tiny CLIP", disable=not show_progress)
-    for _ in progress:
+    for step in progress:
         chosen = torch.randperm(len(people), generator=generator)[:batch_size]  # distinct people
         pick = offsets[chosen] + (torch.rand(batch_size, generator=generator) * counts[chosen]).long()
         images = _augment(pixels[by_person[pick]], generator)
@@ -203,9 +199,9 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
         loss.backward()
         optimizer.step()
         schedule.step()
-        final = {"final_loss": round(loss.item(), 4), "final_batch_accuracy": round(accuracy.item(), 4)}
-        progress.set_postfix(loss=f"{final['final_loss']:.3f}", acc=f"{final['final_batch_accuracy']:.2f}",
-                             refresh=False)
+        if step % _LOG_EVERY == 0 or step == config.steps - 1:  # read the values back only now and then
+            final = {"final_loss": round(loss.item(), 4), "final_batch_accuracy": round(accuracy.item(), 4)}
+            progress.set_postfix(loss=f"{final['final_loss']:.3f}", acc=f"{final['final_batch_accuracy']:.2f}")
     model.eval()
     summary = {"recipe": asdict(config), "version": PRETRAINING_VERSION, **final, "num_people": len(people),
                "num_images": len(population), "example_caption": captions[0]}
@@ -215,12 +211,12 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
 def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
                          root: str | os.PathLike | None = None) -> tuple[CCAFLModel, CLIPProcessor]:
     """The pre-trained tiny CLIP of ``config``: loaded from ``root`` (default
-    `default_pretrained_root`), or pre-trained and saved there first (under a file lock, written to a
-    temporary folder renamed into place: concurrent processes build it once and never see it half
+    `default_pretrained_root`), or pre-trained and saved there first (under a file lock and with
+    `ccafl_hf.cache.write_folder_atomically`: concurrent processes build it once and never see it half
     written)."""
     config = config or TinyCLIPPretrainingConfig()
     root = Path(root).expanduser() if root is not None else default_pretrained_root(config)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)  # for the lock file
     with FileLock(str(root.parent / f".{root.name}.lock")):  # one process builds it, the others wait
         if not (root / PRETRAINING_FILE).is_file():
             if root.exists() and any(root.iterdir()):
@@ -229,16 +225,13 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
             logger.warning("pre-training the tiny CLIP on captioned synthetic people (first use, a few minutes on "
                            "a CPU; cached in %s)", root)
             model, processor, summary = pretrain_tiny_clip(config)
-            temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-            try:
-                model.save_pretrained(temp)
-                processor.save_pretrained(temp)
-                (temp / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2))
-                if root.exists():
-                    root.rmdir()  # an empty placeholder
-                os.replace(temp, root)
-            finally:
-                shutil.rmtree(temp, ignore_errors=True)
+
+            def write(folder: Path) -> None:
+                model.save_pretrained(folder)
+                processor.save_pretrained(folder)
+                (folder / PRETRAINING_FILE).write_text(json.dumps(summary, indent=2))
+
+            write_folder_atomically(root, write, ready=lambda folder: (folder / PRETRAINING_FILE).is_file())
     model = CCAFLModel.from_pretrained(root)
     return model, CLIPProcessor.from_pretrained(root)
 

@@ -17,18 +17,17 @@ cameras; the query holds one image per test identity and camera, the gallery the
 from __future__ import annotations
 
 import colorsys
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..cache import cache_dir, fingerprint, write_folder_atomically
 from .datasets.base import ReIDSource, register_reader
 from .datasets.market1501 import MARKET_FOLDERS, read_market_style
 from .errors import ReIDDatasetError
@@ -110,13 +109,12 @@ class SyntheticReIDConfig:
 
     def fingerprint(self) -> str:
         """Short hash naming the cache folder of this config."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return fingerprint(self.to_dict())
 
 
 def default_synthetic_root(config: SyntheticReIDConfig) -> Path:
     """``$CCAFL_HF_CACHE/synthetic/<fingerprint>`` (default cache ``~/.cache/ccafl_hf``)."""
-    base = os.environ.get("CCAFL_HF_CACHE") or os.path.join("~", ".cache", "ccafl_hf")
-    return Path(base).expanduser() / "synthetic" / config.fingerprint()
+    return cache_dir("synthetic", config.fingerprint())
 
 
 # ----------------------------------------------------------------------------------------- looks
@@ -536,20 +534,9 @@ def generate_synthetic_reid(
             if existing is None:
                 raise ReIDDatasetError(f"{root} is not a synthetic dataset folder; refusing to overwrite it")
             shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        logger.info("generating the synthetic ReID dataset in %s", root)
-        _write_dataset(temp / "data", config)
-        try:
-            if root.exists():
-                root.rmdir()  # an empty placeholder
-            os.replace(temp / "data", root)
-        except OSError:
-            if _read_config(root) != wanted:  # not another process that finished first
-                raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    logger.info("generating the synthetic ReID dataset in %s", root)
+    write_folder_atomically(root, lambda target: _write_dataset(target, config),
+                            ready=lambda folder: _read_config(folder) == wanted)
     return root
 
 
