@@ -304,3 +304,13 @@ def test_explicit_partial_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "written only in part" in err[0], err
     assert not (out / "model.safetensors").exists()
+
+
+def test_preset_naming_an_unknown_argument_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    """A preset/flag conflict: a preset key that is no argument of train.py is refused by name."""
+    monkeypatch.setattr("ccafl_hf.cli.load_preset", lambda name: {**load_preset("demo"), "icdl_epoch": 3})
+    code = train_main(["--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "preset 'demo' sets unknown argument(s): icdl_epoch" in err[0]
+    assert not (tmp_path / "out").exists()
