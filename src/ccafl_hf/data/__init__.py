@@ -14,7 +14,6 @@ The train split's ``diagnostic_pid`` (cross-camera ground truth) is for diagnost
 collator never puts it in a batch.
 """
 
-from . import synthetic  # noqa: F401  (registers the "synthetic" reader)
 from .collate import DIAGNOSTIC_COLUMNS, LABEL_KEYS, ReIDCollator
 from .datasets import (
     ReIDDatasetInfo,

@@ -1,7 +1,7 @@
 """ReID dataset readers and `load_reid_dataset`, the one entry point.
 
-Each reader module registers itself by name; the synthetic dataset registers in
-`ccafl_hf.data.synthetic`. Column contract of the returned `datasets.DatasetDict`:
+Each reader module registers itself by name (the synthetic dataset's generator lives in
+`ccafl_hf.data.synthetic`). Column contract of the returned `datasets.DatasetDict`:
 
 * ``train``: ``image_path`` (str), ``camid`` (0-based), ``cam_pid`` (identity within the camera,
   0-based contiguous per camera), ``intra_id`` (intra-camera identity index 0..N-1, cameras end to
@@ -19,7 +19,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from ..images import check_on_corrupt, find_corrupt_images
-from . import custom, dukemtmc, market1501, msmt17  # noqa: F401  (registration)
+from . import custom, dukemtmc, market1501, msmt17, synthetic  # noqa: F401  (registration)
 from .base import (
     SPLITS,
     ReIDDatasetError,
