@@ -1,5 +1,5 @@
-"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, the embedded
-synthetic dataset), P×K identity sampling, transforms and collation.
+"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, any 🤗 datasets
+dataset, the embedded synthetic dataset), P×K identity sampling, transforms and collation.
 
 Typical use::
 
