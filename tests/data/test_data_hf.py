@@ -289,3 +289,22 @@ def test_evaluate_script_reads_an_hf_source(sources, reference, tmp_path):
     hf, files = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("hf", "files"))
     for key in ("mAP", "rank1", "mINP"):
         assert hf[key] == pytest.approx(files[key], abs=1e-6), key
+
+
+def test_train_script_reads_an_hf_source(sources, tmp_path, capsys):
+    """``scripts/train.py --dataset hf --data_dir FOLDER`` trains every stage on the 🤗 dataset."""
+    from ccafl_hf.cli import train_main
+
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), "--model_name_or_path", "tiny", "--dataset", "hf",
+            "--data_dir", str(sources["parquet_folder"]), "--dataset_options", json.dumps({"cache_dir": str(tmp_path)}),
+            "--prompt_epochs", "1", "--icdl_epochs", "1", "--ical_epochs", "1", "--iters_per_epoch", "1",
+            "--num_identities_per_batch", "4", "--ical_image_text_start_epoch", "1", "--adversarial_start_epoch", "1",
+            "--adversarial_end_epoch", "2", "--disable_tqdm", "true"]
+    assert train_main(argv) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert list(results["stages"]) == ["untrained", "prompt", "icdl", "ical"]
+    capsys.readouterr()
+    assert train_main(["--output_dir", str(tmp_path / "bad"), "--dataset", "hf", "--data_dir", "./missing"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: hf:./missing: './missing' does not exist"), err
