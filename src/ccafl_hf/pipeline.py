@@ -75,9 +75,11 @@ class DataArguments:
     """Which data to train and evaluate on."""
 
     dataset: str = field(
-        default="synthetic", metadata={"help": "synthetic, market1501, dukemtmc, msmt17 or custom."}
+        default="synthetic", metadata={"help": "A ccafl_hf.data.available_datasets() reader, e.g. synthetic, "
+                                               "market1501, custom or hf (🤗 datasets: see --data_dir)."}
     )
-    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (optional for synthetic)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder or file (optional for synthetic); "
+                                                         "for hf a Hub dataset id, save_to_disk folder or parquet."})
     dataset_options: str = field(
         default="{}", metadata={"help": "JSON dict of reader options, e.g. '{\"num_identities\": 40}' for synthetic."}
     )

@@ -50,8 +50,11 @@ def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_dataset_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--dataset", required=required,
-                        help="market1501, dukemtmc, msmt17, custom or synthetic (any registered reader).")
-    parser.add_argument("--data_dir", default=None, help="Dataset folder (optional for synthetic).")
+                        help="A ccafl_hf.data.available_datasets() reader, e.g. market1501, custom, synthetic "
+                             "or hf (🤗 datasets: see --data_dir).")
+    parser.add_argument("--data_dir", default=None,
+                        help="Dataset folder or file (optional for synthetic); for hf a Hub dataset id, "
+                             "save_to_disk folder or parquet.")
     parser.add_argument("--dataset_options", default="{}", help="JSON dict of reader options.")
 
 

@@ -1,5 +1,5 @@
-"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, the embedded
-synthetic dataset), P×K identity sampling, transforms and collation.
+"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, any 🤗 datasets
+dataset, the embedded synthetic dataset), P×K identity sampling, transforms and collation.
 
 Typical use::
 
@@ -14,7 +14,6 @@ The train split's ``diagnostic_pid`` (cross-camera ground truth) is for diagnost
 collator never puts it in a batch.
 """
 
-from . import synthetic  # noqa: F401  (registers the "synthetic" reader)
 from .collate import DIAGNOSTIC_COLUMNS, LABEL_KEYS, ReIDCollator
 from .datasets import (
     ReIDDatasetInfo,
