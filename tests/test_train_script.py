@@ -203,7 +203,7 @@ def test_presets_and_flags(tmp_path):
     # explicit flags override the preset; dataset and preset are independent
     model_args, data_args, args = parse_train_args(
         ["--output_dir", str(tmp_path), "--preset", "paper-msmt17", "--dataset", "market1501", "--icdl_epochs", "2"])
-    assert model_args.model_name_or_path == "openai/clip-vit-base-patch16"
+    assert model_args.model_name_or_path == "timm/resnet50_clip.openai"
     assert data_args.dataset == "market1501" and args.icdl_epochs == 2
     assert args.association_rate == 1.3 and args.memory_lambda == 0.0 and args.num_identities_per_batch == 32
     assert load_preset("paper-dukemtmc")["adversarial_margin"] == 0.3
@@ -243,7 +243,7 @@ def test_evaluate_script_reproduces_training_metrics(trained, tmp_path, monkeypa
 def test_paper_preset_offline_fails_with_one_clear_line(tmp_path, capsys, monkeypatch):
     """The real path (ViT-B/16 from the Hub) is implemented and, offline, says how to provide the weights."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = train_main(["--preset", "paper-market1501", "--output_dir", str(tmp_path / "out"),
+    code = train_main(["--preset", "vit-b16-market1501", "--output_dir", str(tmp_path / "out"),
                        "--dataset_options", json.dumps(SMALL_SYNTHETIC)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1

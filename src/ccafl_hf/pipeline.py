@@ -152,6 +152,16 @@ def _run_fingerprint(model_args, data_args, args: CCAFLTrainingArguments) -> dic
     return {"model": asdict(model_args), "data": asdict(data_args), "training": {k: getattr(args, k) for k in keys}}
 
 
+SETTINGS_FILE = "resolved_settings.json"  # every resolved setting of the run, written at its start
+
+
+def resolved_settings(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
+    """Every setting of a run after preset + flags, JSON-ready: ``{"model": …, "data": …, "training": …}``
+    (tokens redacted as `TrainingArguments.to_dict` does)."""
+    return json.loads(json.dumps(
+        {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}, default=str))
+
+
 def prepare_output_dir(model_args, data_args, args: CCAFLTrainingArguments) -> bool:
     """Check the output folder; return True when a previous run of the same settings is resumed.
 
@@ -204,6 +214,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
+        (out / SETTINGS_FILE).write_text(json.dumps(resolved_settings(model_args, data_args, args), indent=2))
     process.wait_for_everyone()
     set_seed(args.seed)
 

@@ -111,6 +111,15 @@ class CCAFLTrainingArguments(TrainingArguments):
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
+    # ------------------------------------------------------------------ optimiser recipe and precision
+    optimizer: str = field(default="adam", **_help("Stages 2–3 optimiser: adam (the paper's RN50 recipe) or sgd."))
+    sgd_momentum: float = field(default=0.9, **_help("Momentum of --optimizer sgd."))
+    freeze_patch_embedding: bool = field(default=False, **_help("Keep the ViT patch projection frozen in stages 2–3."))
+    max_grad_norm: float = field(default=0.0, **_help("Gradient clipping norm; 0 = no clipping (the reference)."))
+    mixed_precision: str = field(
+        default="no", **_help("no, bf16, fp16 or auto (bf16 where supported, else fp16 on a GPU; fp32 on a CPU).")
+    )
+
     def __post_init__(self):
         if not _cuda_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             self.use_cpu = True  # bf16 autocast or several processes (gloo) on a CPU: accelerate needs to be told
