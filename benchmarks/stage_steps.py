@@ -85,7 +85,7 @@ def main() -> None:
     base_opt = torch.optim.Adam(base_params, lr=1e-5)
 
     def baseline() -> None:
-        pooled = model.vision_model(pixel_values=pixels).pooler_output
+        pooled = model.get_reid_outputs(pixels).pooled_features
         loss = F.cross_entropy(head(pooled), intra_ids)
         base_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -57,14 +58,14 @@ def test_processor_saved_with_reid_size(tiny_model, tmp_path):
 def test_non_square_forward_and_outputs(image_size):
     model, _ = create_tiny_model(image_size=image_size)
     model.eval()
-    out = model(_pixels(model.config, batch=2))
+    out = model.get_reid_outputs(_pixels(model.config, batch=2))
     hidden, proj = model.config.vision_config.hidden_size, model.config.projection_dim
     assert out.reid_features.shape == (2, hidden)
     assert out.pooled_features.shape == (2, hidden) and out.neck_features.shape == (2, hidden)
     assert out.alignment_features.shape == (2, proj)
     torch.testing.assert_close(out.reid_features.norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="expects"):
-        model(torch.randn(1, 3, 32, 32) if image_size != (32, 32) else torch.randn(1, 3, 64, 64))
+        model.get_reid_outputs(torch.randn(1, 3, 32, 32) if image_size != (32, 32) else torch.randn(1, 3, 64, 64))
 
 
 def test_resized_position_embeddings_equal_direct_bicubic():
@@ -109,6 +110,33 @@ def test_converted_clip_keeps_clip_embeddings_on_square_input():
                                    clip.get_text_features(ids).pooler_output)
 
 
+def test_forward_keeps_clips_contract():
+    """model(input_ids=..., pixel_values=...) gives CLIP's image-text logits; images only give the ReID outputs."""
+    clip = _tiny_clip()
+    model = CCAFLModel.from_clip(clip, image_size=(32, 32)).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(0, 97, (2, 7))
+    ids[:, -1] = 98
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids, pixel_values=pixels), clip(input_ids=ids, pixel_values=pixels)
+        for key in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+            torch.testing.assert_close(getattr(ours, key), getattr(theirs, key), rtol=0, atol=1e-6)
+        assert ours.logits_per_image.shape == (3, 2)
+        image_only = model(pixel_values=pixels)
+        torch.testing.assert_close(image_only[0], model.get_reid_features(pixels), rtol=0, atol=0)
+        torch.testing.assert_close(image_only.alignment_features, clip.get_image_features(pixels).pooler_output)
+
+
+def test_prompt_embeddings_raise_no_future_warning(tiny_model):
+    model, processor = tiny_model
+    ids = processor.tokenizer([model.config.prompt_text], return_tensors="pt")["input_ids"]
+    embeds = model.text_model.embeddings.token_embedding(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        features = model.encode_prompt_embeddings(embeds, torch.tensor([ids.shape[1] - 1]))
+    torch.testing.assert_close(features, model.get_text_features(ids).pooler_output)
+
+
 def test_converted_clip_resizes_position_embeddings_once(tmp_path):
     clip = _tiny_clip()
     model = CCAFLModel.from_clip(clip, image_size=(64, 32))
@@ -143,30 +171,44 @@ def test_bn_neck_bias_frozen_and_reid_feature_choice():
     model, _ = create_tiny_model(reid_feature="pooled")
     assert not model.neck.bias.requires_grad
     model.eval()
-    out = model(_pixels(model.config))
+    out = model.get_reid_outputs(_pixels(model.config))
     torch.testing.assert_close(out.reid_features, F.normalize(out.pooled_features, dim=-1))
 
 
-def test_trust_remote_code_without_package(tiny_model, tmp_path):
-    model, processor = tiny_model
+@pytest.mark.parametrize("backbone", ["vit", "rn50"])
+def test_trust_remote_code_without_package(backbone, tmp_path):
+    from PIL import Image
+
+    model, processor = create_tiny_model(seed=0, backbone=backbone)
+    model.eval()
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "modeling_ccafl.py").exists()
+    assert (tmp_path / "ckpt" / "modeling_ccafl_resnet.py").exists()
     pixels = _pixels(model.config)
     torch.save(pixels, tmp_path / "pixels.pt")
+    image = Image.fromarray((torch.rand(70, 30, 3) * 255).byte().numpy())
+    image.save(tmp_path / "person.png")
     with torch.no_grad():
         torch.save(model.get_reid_features(pixels), tmp_path / "expected.pt")
+        image_pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        torch.save(model.get_reid_features(image_pixels), tmp_path / "expected_image.pt")
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["ccafl_hf"] = None  # this process cannot import the package (even when pip-installed)
         import torch
-        from transformers import AutoModel
+        from PIL import Image
+        from transformers import AutoModel, pipeline
+        torch.set_num_threads({torch.get_num_threads()})  # same reduction order as the parent: bitwise equal
         model = AutoModel.from_pretrained({str(tmp_path / 'ckpt')!r}, trust_remote_code=True).eval()
         with torch.no_grad():
             features = model.get_reid_features(torch.load({str(tmp_path / 'pixels.pt')!r}))
         torch.testing.assert_close(features, torch.load({str(tmp_path / 'expected.pt')!r}), rtol=0, atol=0)
-        print("OK", type(model).__name__)
+        extractor = pipeline("image-feature-extraction", model={str(tmp_path / 'ckpt')!r}, trust_remote_code=True)
+        out = extractor(Image.open({str(tmp_path / 'person.png')!r}), return_tensors=True)
+        torch.testing.assert_close(out, torch.load({str(tmp_path / 'expected_image.pt')!r}), rtol=0, atol=1e-5)
+        print("OK", type(model).__name__, type(model.vision_model).__name__)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -176,7 +218,8 @@ def test_trust_remote_code_without_package(tiny_model, tmp_path):
     result = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "OK CCAFLModel" in result.stdout
+    tower = "CCAFLResNetVisionModel" if backbone == "rn50" else "CLIPVisionModel"
+    assert f"OK CCAFLModel {tower}" in result.stdout
 
 
 def test_blocked_package_import_really_fails():

@@ -103,7 +103,7 @@ def _caption_retrieval_accuracy(model, processor, cache, monkeypatch) -> float:
     images = processor.image_processor([load_image(path) for path in train["image_path"]], return_tensors="pt")
     with torch.no_grad():
         text = model.get_text_features(**tokens).pooler_output
-        image = model(images["pixel_values"]).alignment_features
+        image = model.get_reid_outputs(images["pixel_values"]).alignment_features
     best = (torch.nn.functional.normalize(image, dim=1) @ torch.nn.functional.normalize(text, dim=1).t()).argmax(1)
     truth = torch.tensor([people.index(p) for p in train["diagnostic_pid"]])
     return (best == truth).float().mean().item()

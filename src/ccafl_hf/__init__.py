@@ -7,14 +7,16 @@ marks them for custom-code export so saved checkpoints load with
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_ccafl import CCAFLConfig
+from .configuration_ccafl import CCAFLConfig, CCAFLResNetVisionConfig
 from .modeling_ccafl import CCAFLModel, CCAFLOutput, resize_position_embeddings
+from .modeling_ccafl_resnet import CCAFLResNetVisionModel
 from .processing import build_image_processor, build_reid_processor, build_tiny_tokenizer, load_tokenizer
 from .tiny import create_tiny_model, tiny_config
 
 __version__ = "0.1.0"
 
 AutoConfig.register(CCAFLConfig.model_type, CCAFLConfig, exist_ok=True)
+AutoConfig.register(CCAFLResNetVisionConfig.model_type, CCAFLResNetVisionConfig, exist_ok=True)
 AutoModel.register(CCAFLConfig, CCAFLModel, exist_ok=True)
 CCAFLConfig.register_for_auto_class()
 CCAFLModel.register_for_auto_class("AutoModel")
@@ -23,6 +25,8 @@ __all__ = [
     "CCAFLConfig",
     "CCAFLModel",
     "CCAFLOutput",
+    "CCAFLResNetVisionConfig",
+    "CCAFLResNetVisionModel",
     "build_image_processor",
     "build_reid_processor",
     "build_tiny_tokenizer",

@@ -96,10 +96,10 @@ def extract_features(
         for batch in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
             pixels = batch["pixel_values"].to(device, non_blocking=True)
             with autocast_context(device, mixed_precision):
-                out = model(pixels)
+                out = model.get_reid_outputs(pixels)
                 feats, aligned = out.reid_features.float(), out.alignment_features.float()
                 if flip:
-                    out_f = model(pixels.flip(-1))
+                    out_f = model.get_reid_outputs(pixels.flip(-1))
                     feats = torch.nn.functional.normalize(feats + out_f.reid_features.float(), dim=-1)
                     aligned = (aligned + out_f.alignment_features.float()) / 2
             reid.append(feats)

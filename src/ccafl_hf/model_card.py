@@ -107,7 +107,7 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
 def _hub_base_model(name: str) -> str | None:
     """``name`` when it is a Hub model id (the card's ``base_model``); None for the built-in tiny models
     and local folders, which the Hub could not link to."""
-    if name in ("tiny", TINY_PRETRAINED_NAME) or Path(name).exists():
+    if name in ("tiny", "tiny-rn50", TINY_PRETRAINED_NAME) or Path(name).exists():
         return None
     return name
 

@@ -1,5 +1,8 @@
 """CCAFL model: transformers' `CLIPModel` with a ReID input grid, a BN-neck and a prompt-embedding text path.
 
+Two image towers: CLIP's ViT (transformers' `CLIPVisionModel`) and CLIP's modified ResNet (RN50,
+`modeling_ccafl_resnet.py`), chosen by the vision config. The text tower is always `CLIPTextModel`.
+
 This file is also shipped next to saved weights as custom code (`trust_remote_code=True`), so it
 imports nothing from `ccafl_hf`: only torch, transformers and the sibling configuration file.
 """
@@ -12,13 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
+from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 from transformers.masking_utils import create_causal_mask
 from transformers.models.clip.configuration_clip import CLIPVisionConfig
-from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+from transformers.models.clip.modeling_clip import CLIPOutput, CLIPVisionEmbeddings
 from transformers.utils import ModelOutput
 
 from .configuration_ccafl import CCAFLConfig
+from .modeling_ccafl_resnet import CCAFLResNetVisionModel
 
 
 def resize_position_embeddings(weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -75,19 +79,21 @@ class CCAFLVisionEmbeddings(CLIPVisionEmbeddings):
 @dataclass
 class CCAFLOutput(ModelOutput):
     """
-    Outputs of [`CCAFLModel.forward`].
+    Outputs of [`CCAFLModel.get_reid_outputs`] (and of `forward` called with images only).
 
     Args:
         reid_features (`torch.FloatTensor` of shape `(batch_size, dim)`):
             L2-normalised retrieval feature (the one evaluation, memories and association use).
         pooled_features (`torch.FloatTensor` of shape `(batch_size, vision_hidden_size)`):
-            Pooled image feature before the neck (post-LN class token).
+            Pooled image feature before the neck (ViT: post-LN class token; ResNet: GeM of layer4).
         neck_features (`torch.FloatTensor` of shape `(batch_size, vision_hidden_size)`):
             Pooled feature after the BN-neck (equal to `pooled_features` when there is no neck).
         alignment_features (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
-            CLIP-projected image embedding, used only by the image-text losses.
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, vision_hidden_size)`):
-            Vision tower tokens.
+            CLIP image embedding (ViT: projected class token; ResNet: attention-pool output), used only
+            by the image-text losses.
+        last_hidden_state (`torch.FloatTensor`):
+            Vision tower output: ViT tokens `(batch_size, 1 + num_patches, hidden)`, ResNet layer4 map
+            `(batch_size, hidden, rows, columns)`.
     """
 
     reid_features: torch.FloatTensor | None = None
@@ -98,12 +104,17 @@ class CCAFLOutput(ModelOutput):
 
 
 class CCAFLModel(CLIPModel):
-    """`CLIPModel` for intra-camera supervised person re-identification (METHOD.md §2).
+    """`CLIPModel` for intra-camera supervised person re-identification (see docs/method.md).
 
     Adds to CLIP: a ``(height, width)`` ReID input grid with stored position embeddings, a BN-neck on
-    the pooled image feature, [`get_reid_features`] (the retrieval feature) and
-    [`encode_prompt_embeddings`] (text tower on token *embeddings*, pooled at end-of-text) for
-    learnable identity prompts. `get_text_features` / `get_image_features` behave as in CLIP.
+    the pooled image feature, [`get_reid_features`] (the retrieval feature), [`get_reid_outputs`]
+    (retrieval and alignment features) and [`encode_prompt_embeddings`] (text tower on token
+    *embeddings*, pooled at end-of-text) for learnable identity prompts. `forward`,
+    `get_text_features` and `get_image_features` behave as in CLIP; `forward` with images only (as
+    the image-feature-extraction pipeline calls it) returns [`CCAFLOutput`], retrieval feature first.
+
+    The image tower is CLIP's ViT or, with a [`CCAFLResNetVisionConfig`], CLIP's modified ResNet
+    (whose attention pool is its image projection: `visual_projection` is then the identity).
     """
 
     config_class = CCAFLConfig
@@ -111,8 +122,21 @@ class CCAFLModel(CLIPModel):
     main_input_name = "pixel_values"
 
     def __init__(self, config: CCAFLConfig):
-        super().__init__(config)
-        self.vision_model.embeddings = CCAFLVisionEmbeddings(config.vision_config, config.image_size)
+        # CLIPModel.__init__ would build a ViT from any vision config: the towers are built here instead
+        super(CLIPModel, self).__init__(config)
+        self.projection_dim = config.projection_dim
+        self.text_embed_dim = config.text_config.hidden_size
+        self.vision_embed_dim = config.vision_config.hidden_size
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        if config.is_resnet:
+            self.vision_model = CCAFLResNetVisionModel(config.vision_config, config.image_size)
+            self.visual_projection = nn.Identity()
+        else:
+            self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+            self.vision_model.embeddings = CCAFLVisionEmbeddings(config.vision_config, config.image_size)
+            self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.neck = nn.BatchNorm1d(self.vision_embed_dim) if config.neck == "bnneck" else nn.Identity()
         if isinstance(self.neck, nn.BatchNorm1d):
             self.neck.bias.requires_grad_(False)  # BNNeck: the shift is not learnt
@@ -130,20 +154,37 @@ class CCAFLModel(CLIPModel):
                 module.num_batches_tracked.zero_()
 
     # ----------------------------------------------------------------------------------- image path
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> CCAFLOutput:
-        """ReID forward of the image tower.
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CLIPOutput | CCAFLOutput:
+        """CLIP's forward (image-text logits, `CLIPOutput`) when given ``input_ids`` and
+        ``pixel_values``; with ``pixel_values [B, 3, H, W]`` only, the ReID outputs
+        ([`CCAFLOutput`], see [`get_reid_outputs`]), so image-only callers such as
+        ``pipeline("image-feature-extraction")`` get the retrieval feature."""
+        if input_ids is None and pixel_values is not None:
+            return self.get_reid_outputs(pixel_values)
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    def get_reid_outputs(self, pixel_values: torch.Tensor) -> CCAFLOutput:
+        """ReID outputs of the image tower.
 
         Args:
             pixel_values: ``[B, 3, H, W]`` images at the config's ``image_size``.
 
         Returns:
             [`CCAFLOutput`] with the retrieval feature before/after the neck, the L2-normalised
-            retrieval feature and the projected alignment feature.
+            retrieval feature ``[B, D]`` and the alignment feature ``[B, projection_dim]``.
         """
-        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
-        pooled = vision_outputs.pooler_output
+        vision_outputs = self.vision_model(pixel_values=pixel_values, return_dict=True)
+        if self.config.is_resnet:
+            pooled = vision_outputs.gem_output
+        else:
+            pooled = vision_outputs.pooler_output
+        alignment = self.visual_projection(vision_outputs.pooler_output)
         neck = self.neck(pooled)
-        alignment = self.visual_projection(pooled)
         choice = {"neck": neck, "pooled": pooled, "projection": alignment}[self.config.reid_feature]
         return CCAFLOutput(
             reid_features=F.normalize(choice.float(), dim=-1),
@@ -154,8 +195,8 @@ class CCAFLModel(CLIPModel):
         )
 
     def get_reid_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised retrieval features ``[B, D]`` of ``pixel_values [B, 3, H, W]`` (METHOD.md §2)."""
-        return self.forward(pixel_values).reid_features
+        """L2-normalised retrieval features ``[B, D]`` of ``pixel_values [B, 3, H, W]``."""
+        return self.get_reid_outputs(pixel_values).reid_features
 
     @property
     def reid_feature_dim(self) -> int:
@@ -174,9 +215,8 @@ class CCAFLModel(CLIPModel):
         text_model = self.text_model
         seq_len = inputs_embeds.shape[1]
         hidden = text_model.embeddings(inputs_embeds=inputs_embeds, position_ids=text_model.embeddings.position_ids[:, :seq_len])
-        mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-        )
+        # positional: the cache argument was renamed (past_key_values -> cache) across transformers 5 releases
+        mask = create_causal_mask(text_model.config, hidden, None, None)
         hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         hidden = text_model.final_layer_norm(hidden)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
@@ -191,16 +231,33 @@ class CCAFLModel(CLIPModel):
         image_size: tuple[int, int] = (256, 128),
         **config_kwargs,
     ) -> CCAFLModel:
-        """Build a CCAFL model from a CLIP checkpoint (Hub id, local folder or a loaded `CLIPModel`).
+        """Build a CCAFL model from a CLIP checkpoint.
 
-        The square position-embedding grid is resized bicubically to the ``image_size`` grid once;
-        every other CLIP weight is copied unchanged and the neck starts as identity-like BatchNorm.
+        ``clip`` is a transformers CLIP (Hub id, local folder or a loaded `CLIPModel`: ViT tower) or an
+        open_clip RN50 checkpoint (Hub id or folder with ``open_clip_config.json`` and
+        ``open_clip_model.safetensors``, e.g. ``timm/resnet50_clip.openai``: ResNet tower). ViT position
+        embeddings are resized bicubically, the ResNet's attention-pool positions bilinearly, to the
+        ``image_size`` grid, once; every other CLIP weight is copied unchanged and the neck starts as
+        identity-like BatchNorm. ``config_kwargs`` are `CCAFLConfig` fields; for the ResNet,
+        ``last_stride`` and ``gem_p`` go to its vision config (``last_stride=2`` with
+        ``image_size=(224, 224)`` is CLIP's own RN50). The tokenizer is not part of the model: load it
+        from the same folder (`load_tokenizer`) when the checkpoint has one.
 
         Raises:
             OSError: the checkpoint can't be found (e.g. offline and not cached), with how to fix it.
+            ValueError: a pickled checkpoint (never unpickled), or an open_clip tower other than RN50.
         """
         if not isinstance(clip, CLIPModel):
+            from .convert_open_clip import find_open_clip_checkpoint, refuse_pickled
+
+            refuse_pickled(clip)
+            checkpoint = find_open_clip_checkpoint(clip)
+            if checkpoint is not None:
+                return cls._from_open_clip(checkpoint, image_size, **config_kwargs)
             clip = _load_clip(clip)
+        resnet_only = sorted(set(config_kwargs) & {"last_stride", "gem_p"})
+        if resnet_only:
+            raise ValueError(f"{', '.join(resnet_only)} only applies to a ResNet (RN50) tower, not to CLIP ViT weights")
         clip_config = clip.config
         config = CCAFLConfig(
             text_config=clip_config.text_config.to_dict(),
@@ -214,12 +271,36 @@ class CCAFLModel(CLIPModel):
         state = clip.state_dict()
         key = "vision_model.embeddings.position_embedding.weight"
         state[key] = resize_position_embeddings(state[key], config.patch_grid)
-        incompatible = model.load_state_dict(state, strict=False)
+        model._load_converted(state, allowed_missing=("neck.",))
+        return model
+
+    @classmethod
+    def _from_open_clip(cls, checkpoint, image_size: tuple[int, int], **config_kwargs) -> CCAFLModel:
+        """CCAFL model with the ResNet tower from an open_clip RN50 checkpoint (see `from_clip`)."""
+        from .convert_open_clip import load_open_clip_state_dict, open_clip_config_kwargs
+        from .modeling_ccafl_resnet import resize_attention_pool_positions
+
+        kwargs = open_clip_config_kwargs(checkpoint)
+        for field in ("last_stride", "gem_p"):
+            if field in config_kwargs:
+                kwargs["vision_config"][field] = config_kwargs.pop(field)
+        state = load_open_clip_state_dict(checkpoint)
+        config = CCAFLConfig(
+            **kwargs, logit_scale_init_value=float(state["logit_scale"]), image_size=tuple(image_size), **config_kwargs
+        )
+        model = cls(config)
+        key = "vision_model.attention_pool.position_embedding"
+        state[key] = resize_attention_pool_positions(state[key], config.patch_grid)
+        model._load_converted(state, allowed_missing=("neck.", "vision_model.gem."))
+        return model
+
+    def _load_converted(self, state: dict[str, torch.Tensor], allowed_missing: tuple[str, ...]) -> None:
+        """Load converted CLIP weights; anything missing (beyond the new ReID parts) or left over is an error."""
+        incompatible = self.load_state_dict(state, strict=False)
         unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("position_ids")]
-        missing = [k for k in incompatible.missing_keys if not k.startswith("neck.")]
+        missing = [k for k in incompatible.missing_keys if not k.startswith(allowed_missing)]
         if missing or unexpected:
             raise ValueError(f"CLIP weights do not fit a CCAFL model: missing {missing}, unexpected {unexpected}")
-        return model
 
 
 def _load_clip(name_or_path: str | os.PathLike) -> CLIPModel:

@@ -32,7 +32,7 @@ from .modeling_ccafl import CCAFLModel
 from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
-from .tiny import create_tiny_model
+from .tiny import TINY_MODELS, create_tiny_model
 from .trainers.arguments import CCAFLTrainingArguments
 from .trainers.ical import ICALTrainer
 from .trainers.icdl import ICDLTrainer
@@ -100,9 +100,10 @@ def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, 
         raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
     name = model_args.model_name_or_path
     overrides = _config_overrides(model_args.config_overrides)
-    if name == "tiny":
+    if name in TINY_MODELS:
         try:
-            return create_tiny_model(seed=seed, **{**overrides, **({"image_size": size} if size else {})})
+            return create_tiny_model(seed=seed, backbone=TINY_MODELS[name],
+                                     **{**overrides, **({"image_size": size} if size else {})})
         except (TypeError, ValueError) as error:
             raise RunError(f"--config_overrides {model_args.config_overrides}: {error}") from None
     if overrides:

@@ -190,7 +190,7 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
         chosen = torch.randperm(len(people), generator=generator)[:batch_size]  # distinct people
         pick = offsets[chosen] + (torch.rand(batch_size, generator=generator) * counts[chosen]).long()
         images = _augment(pixels[by_person[pick]], generator)
-        image_features = model(images).alignment_features
+        image_features = model.get_reid_outputs(images).alignment_features
         text_features = model.get_text_features(
             input_ids=tokens["input_ids"][chosen], attention_mask=tokens["attention_mask"][chosen]
         ).pooler_output

@@ -85,7 +85,7 @@ class CCAFLForTraining(nn.Module):
             ``reid_features`` ``[B, D]`` (detached, for the memory update after the step).
         """
         args = self.args
-        out = self.model(pixel_values)
+        out = self.model.get_reid_outputs(pixel_values)
         feats = out.reid_features
         losses: dict[str, torch.Tensor] = {}
         on = self.switches
