@@ -230,6 +230,15 @@ def test_train_only_source_and_renamed_columns_and_splits(tmp_path):
     assert dataset["train"]["diagnostic_pid"][:] == [-1] * 8  # no pid column: no ground truth
 
 
+def test_cameras_map_jointly_over_splits(tmp_path):
+    """Camera values map to 0-based camids in sorted order over all splits, numerically when every value is
+    an integer, even when one split stores them as text."""
+    columns = small(train__camera=[10, 10, 10, 10, 9, 9, 9, 9], query__camera=["10"], gallery__camera=["9", "10"])
+    dataset = load_reid_dataset("hf", save(columns, tmp_path / "source"))
+    assert dataset["train"]["camid"][:] == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert dataset["query"]["camid"][:] == [1] and dataset["gallery"]["camid"][:] == [0, 1]
+
+
 def test_images_as_raw_bytes_or_paths_decode_alike(tmp_path):
     columns = small()
     source = save(columns, tmp_path / "bytes", image_feature=Value("binary"))

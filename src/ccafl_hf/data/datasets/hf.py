@@ -100,11 +100,13 @@ def read_hf(
             )
 
     cameras = {s: _labels(t, camera_column, name, s, strings=True) for s, t in splits.items()}
+    if any(c.dtype == object for c in cameras.values()):  # text in some split: compare all as text
+        cameras = {s: np.asarray([str(v) for v in c], dtype=object) for s, c in cameras.items()}
     camera_values = np.concatenate([cameras[s] for s in splits])
     camera_codes = _codes(camera_values)
-    all_cameras = np.unique(camera_values)
-    if not np.array_equal(all_cameras, np.arange(all_cameras.size)):
-        logger.info("%s: cameras %s mapped to camid 0..%d", name, all_cameras.tolist()[:20], all_cameras.size - 1)
+    if not np.array_equal(camera_values, camera_codes):
+        firsts = np.unique(camera_codes, return_index=True)[1]
+        logger.info("%s: cameras %s mapped to camid 0..%d", name, camera_values[firsts].tolist()[:20], firsts.size - 1)
     offsets = np.cumsum([0] + [len(cameras[s]) for s in splits])
 
     records = {s: SplitRecords([], np.zeros(0), np.zeros(0)) for s in SPLITS}
