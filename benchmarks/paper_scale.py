@@ -137,11 +137,6 @@ def build_model(backbone: str) -> CCAFLModel:
             projection_dim=512, image_size=(256, 128),
         )
     else:
-        try:
-            from ccafl_hf.configuration_ccafl import CCAFLResNetVisionConfig  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: --backbone rn50 needs the CLIP RN50 vision tower, which this version of "
-                             "ccafl_hf does not have; use --backbone vit-b16") from None
         config = CCAFLConfig(
             vision_config={"model_type": "ccafl_resnet_vision"},
             text_config={"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
@@ -149,6 +144,15 @@ def build_model(backbone: str) -> CCAFLModel:
             projection_dim=1024, image_size=(256, 128),
         )
     return CCAFLModel(config)
+
+
+def rn50_available() -> bool:
+    """Whether this version of ccafl_hf has the CLIP RN50 vision tower."""
+    try:
+        from ccafl_hf.configuration_ccafl import CCAFLResNetVisionConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def build_optimizer(params: list[torch.nn.Parameter], names: list[str], args) -> torch.optim.Optimizer:
@@ -171,8 +175,14 @@ def resolve_precision(value: str, device: torch.device) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, before any work
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", choices=sorted(PRESETS), default="vit-b16")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data_dir", default=None,
@@ -198,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--output", default=None, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
+    if args.backbone == "rn50" and not rn50_available():
+        parser.error("--backbone rn50 needs the CLIP RN50 vision tower, which this version of ccafl_hf does not "
+                     "have; use --backbone vit-b16")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     for name in ("num_people", "num_test_people", "iterations"):
@@ -418,9 +431,9 @@ def report(meter: Meter, opts, args, mixed, num_query: int, num_gallery: int, me
     t_base = p["plain CLIP fine-tune steps (CE head)"].seconds / (opts.iterations * batch)
     eval_phase = p["evaluation (query + gallery)"]
     t_eval_image = eval_phase.seconds / eval_phase.items
-    print(f"\nstage-2/3 step throughput: ICDL {1 / t_icdl:.1f} img/s, ICAL {1 / t_ical:.1f} img/s, plain CLIP "
-          f"fine-tune {1 / t_base:.1f} img/s  ->  ratio {t_base / t_icdl:.2f}x (ICDL) / {t_base / t_ical:.2f}x (ICAL) "
-          "of the plain step's images/s")
+    print(f"\nstage-2/3 step throughput: ICDL {1 / t_icdl:.3g} img/s, ICAL {1 / t_ical:.3g} img/s, plain CLIP "
+          f"fine-tune {1 / t_base:.3g} img/s  ->  images/s of the stage step / of the plain step: "
+          f"{t_base / t_icdl:.2f}x (ICDL), {t_base / t_ical:.2f}x (ICAL)")
 
     projections = {}
     print("\nprojected full paper run on this device (60 prompt epochs, 80 x 200 iterations, "
