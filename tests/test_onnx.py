@@ -14,10 +14,10 @@ onnxruntime = pytest.importorskip(
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx): torch.onnx.export needs it")
 
 
-@pytest.fixture
-def trained_like_model():
-    """A tiny model whose BN-neck has non-trivial running statistics, left in training mode."""
-    model, processor = create_tiny_model(seed=1)
+@pytest.fixture(params=["vit", "rn50"])
+def trained_like_model(request):
+    """A tiny model (each image tower) whose BN-neck has non-trivial running statistics, left in training mode."""
+    model, processor = create_tiny_model(seed=1, backbone=request.param)
     with torch.no_grad():
         model.neck.running_mean.normal_(0, 0.5)
         model.neck.running_var.uniform_(0.5, 2.0)

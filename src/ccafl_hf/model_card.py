@@ -71,6 +71,9 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
     architecture = (
         f"CLIP ViT (hidden {vision.hidden_size}, {vision.num_hidden_layers} layers, patch {vision.patch_size}) "
         f"from `{model_args.model_name_or_path}` with a BN-neck"
+    ) if not model.config.is_resnet else (
+        f"CLIP modified ResNet (blocks {list(vision.layers)}, width {vision.width}, last stride {vision.last_stride}) "
+        f"from `{model_args.model_name_or_path}` with GeM pooling and a BN-neck"
     )
     settings = {
         key: getattr(args, key)
