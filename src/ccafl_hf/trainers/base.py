@@ -66,6 +66,14 @@ class _LoopCallback(TrainerCallback):
     def __init__(self, trainer: CCAFLTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._sync_from_main_process(self.trainer.training_module.classifier.parameters())
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._sync_from_main_process(self.trainer.training_module.model.buffers())  # rank 0's BN statistics
+        return control
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         steps = self.trainer.steps_per_epoch(state)
         self.trainer.begin_epoch(state.global_step // steps, resumed_mid_epoch=state.global_step % steps != 0)
@@ -189,23 +197,26 @@ class CCAFLTrainer(Trainer):
             logger.info("resumed inside epoch %d (%s): keeping the checkpointed memories and pseudo-labels",
                         self.loop_epoch, self.objective.name)
             return
-        self._sync_model_buffers()
+        self._sync_from_main_process(self.training_module.model.buffers())
         record = self.objective.prepare_epoch(self, self.loop_epoch)
         if record is not None:
             self.association_log.append({"epoch": self.loop_epoch, **record})
             if self.accelerator.is_main_process:
                 self.log({f"assoc_{k}": v for k, v in record.items() if isinstance(v, int | float)})
 
-    def _sync_model_buffers(self) -> None:
-        """Give every rank rank 0's model buffers (BN-neck running statistics) before features are
-        extracted, so every rank embeds with the same model."""
+    @torch.no_grad()
+    def _sync_from_main_process(self, tensors) -> None:
+        """Copy rank 0's values of ``tensors`` to every rank. Used for the classifier, which DDP does not
+        synchronise (it is trained on gathered features by its own optimiser), at the start of training,
+        and for the model buffers (BN-neck running statistics) before features are extracted, so every
+        rank embeds with the same model."""
         if self.accelerator.num_processes == 1:
             return
         from accelerate.utils import broadcast
 
-        for buffer in self.training_module.model.buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(broadcast(buffer.detach().clone(), from_process=0))
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                tensor.copy_(broadcast(tensor.detach().clone(), from_process=0))
 
     # ------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
@@ -336,7 +347,7 @@ class CCAFLTrainer(Trainer):
             logger.warning("no query/gallery split: skipping the evaluation after %s", self.objective.name)
             return {}
         args: CCAFLTrainingArguments = self.args
-        self._sync_model_buffers()
+        self._sync_from_main_process(self.training_module.model.buffers())
         metrics = evaluate_reid_model(
             self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
             batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
