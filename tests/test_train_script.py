@@ -140,21 +140,27 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def test_sigkill_mid_stage_then_resume_matches_uninterrupted_run(trained, tmp_path):
-    """Killed while ICAL runs (after its first epoch checkpoint), the rerun resumes the right stage and
-    epoch (memories, pseudo-labels, classifier, optimiser, scheduler, RNG) and ends bit-identical."""
+def test_sigkill_at_the_icdl_ical_boundary_then_resume_matches_uninterrupted_run(trained, tmp_path):
+    """Killed right after the checkpoint that ends ICDL (the stage-2/3 loop goes on into ICAL), the rerun
+    resumes the loop at the boundary (memories, classifier and its own Adam, the one optimiser,
+    scheduler, RNG) and ends bit-identical."""
     reference, cache = trained
     out = tmp_path / "killed"
+    loop = out / "checkpoints" / "icdl_ical"
+    boundary = loop / "checkpoint-8"  # --icdl_epochs 2 × --iters_per_epoch 4
     process = subprocess.Popen(_script(out, cache), env=_env(cache), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "checkpoints" / "ical").glob("checkpoint-*")):
+    while time.time() < deadline and not (boundary / "trainer_state.json").is_file():
         if process.poll() is not None:
             pytest.fail("the run ended before it could be killed")
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "eval_results.json").exists(), "the run finished before the kill"
+    complete = [int(p.name.split("-")[1]) for p in loop.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    assert max(complete) == 8, complete  # killed between the boundary and the next checkpoint
+    assert (out / "checkpoints" / "icdl" / "final" / "eval_results.json").is_file()  # ICDL evaluated in the loop
     result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
