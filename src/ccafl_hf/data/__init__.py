@@ -30,10 +30,12 @@ from .images import find_corrupt_images, load_image
 from .samplers import RandomIdentityBatchSampler, RandomIdentitySampler
 from .synthetic import (
     SyntheticReIDConfig,
+    camera_styles,
     default_synthetic_root,
     describe_look,
     generate_synthetic_reid,
     identity_caption,
+    identity_look,
     render_image,
 )
 from .transforms import build_eval_transform, build_train_transform
@@ -52,12 +54,14 @@ __all__ = [
     "available_datasets",
     "build_eval_transform",
     "build_train_transform",
+    "camera_styles",
     "dataset_summary",
     "default_synthetic_root",
     "describe_look",
     "find_corrupt_images",
     "generate_synthetic_reid",
     "identity_caption",
+    "identity_look",
     "intra_camera_index",
     "load_image",
     "load_reid_dataset",
