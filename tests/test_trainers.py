@@ -230,3 +230,22 @@ def test_icdl_and_ical_under_bf16_autocast(training_setup, tmp_path):
     assert module.camera_memory.centroids.dtype == torch.float32
     assert torch.isfinite(module.camera_memory.centroids).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_stages_prompt_icdl_stops_after_icdl(tmp_path, monkeypatch):
+    """`--stages prompt,icdl`: the stage-2/3 loop runs the ICDL epochs only, evaluated once at their end."""
+    import json
+
+    from synthetic_options import SMALL_SYNTHETIC
+
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = train_main(["--output_dir", str(out), "--model_name_or_path", "tiny", "--stages", "prompt,icdl",
+                       "--dataset_options", json.dumps(SMALL_SYNTHETIC), "--prompt_epochs", "1", "--icdl_epochs", "2",
+                       "--ical_epochs", "3", "--iters_per_epoch", "2", "--disable_tqdm", "true"])
+    assert code == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert list(results["stages"]) == ["untrained", "prompt", "icdl"]
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints" / "icdl_ical").glob("checkpoint-*"))
+    assert steps[-1] == 4  # 2 ICDL epochs × 2 iterations, no ICAL step
+    assert not (out / "checkpoints" / "ical").exists()

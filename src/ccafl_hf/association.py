@@ -296,7 +296,7 @@ def associate_across_cameras(
     accepted = _greedy_walk(a, b, cam, num_cams)
     pairs = np.stack([a[accepted], b[accepted]], axis=1)
     labels = _component_labels(pairs, n)
-    logger.info(
+    logger.debug(
         "cross-camera association: %d identities, %d cameras, %d pairs walked, %d accepted, "
         "%d clusters, %d identities associated (%d candidates searched)",
         n,
