@@ -9,7 +9,8 @@ All in one run, same batch, same model (CLIP ViT-B/16 architecture, random init,
 * ICAL step with vs without the adversarial loss and the classifier; target overhead <= 5 %.
 
     python benchmarks/stage_steps.py            # ViT-B/16 (slow on 2 CPU cores: a few minutes)
-    python benchmarks/stage_steps.py --quick    # tiny model
+    python benchmarks/stage_steps.py --backbone rn50   # CLIP RN50, last stride 1, GeM (the paper's tower)
+    python benchmarks/stage_steps.py --quick    # tiny model (--backbone rn50: the tiny ResNet)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--backbone", choices=["vit", "rn50"], default="vit")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_identities", type=int, default=3262)
     parser.add_argument("--num_cameras", type=int, default=6)
@@ -58,7 +60,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
-        model, _ = create_tiny_model()
+        model, _ = create_tiny_model(backbone=args.backbone)
+    elif args.backbone == "rn50":
+        model = CCAFLModel(CCAFLConfig(vision_config={"model_type": "ccafl_resnet_vision"}, projection_dim=1024,
+                                       image_size=(256, 128)))
     else:
         model = CCAFLModel(CCAFLConfig(
             vision_config={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
