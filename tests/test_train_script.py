@@ -111,7 +111,7 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
     assert push_output_dir(args) == "someone/ccafl-demo"
     assert calls["repo"] == "someone/ccafl-demo"
     assert "model-index" in yaml.safe_load((sent / "README.md").read_text().split("---")[1])
-    assert not any(path.startswith("checkpoints/") for path in calls["commit"])
+    assert not any(path.startswith("checkpoints/") for path in calls["commit"]) and "ccafl_run.json" not in calls["commit"]
     assert {"README.md", "model.safetensors", "modeling_ccafl.py", "prompt_adapter/adapter_config.json"} <= set(
         calls["commit"])
     script = textwrap.dedent(f"""

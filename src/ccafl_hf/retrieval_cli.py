@@ -330,8 +330,12 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_onnx, onnxruntime_available, verify_onnx
+    from .onnx_export import export_onnx, onnxruntime_available, require_onnx, verify_onnx
 
+    try:
+        require_onnx()  # before loading anything
+    except ImportError as error:
+        return _fail(error)
     model, image_processor = _load_model(args)
     path = export_onnx(model, args.output, opset=args.opset, image_processor=image_processor)
     print(f"image tower exported to {path}")
