@@ -1,4 +1,4 @@
-"""The package's cache of things built on first use (the synthetic dataset, the pre-trained tiny CLIP).
+"""The package's cache of things built on first use (the synthetic dataset, tiny CLIPs of non-default recipes).
 
 One home for where they live (``$CCAFL_HF_CACHE``, default ``~/.cache/ccafl_hf``), how their
 folders are named (a short hash of what made them) and how they are written (into a temporary

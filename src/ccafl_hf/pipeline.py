@@ -61,7 +61,7 @@ class ModelArguments:
     model_name_or_path: str = field(
         default="tiny",
         metadata={"help": "'tiny' (random tiny CLIP, tests), 'tiny-pretrained' (the tiny CLIP pre-trained on "
-                          "captioned synthetic people, built on first use and cached: the demo), a CLIP checkpoint "
+                          "captioned synthetic people, weights shipped with the package: the demo), a CLIP checkpoint "
                           "(Hub id or folder, e.g. openai/clip-vit-base-patch16) or a saved CCAFL model folder."},
     )
     image_size: list[int] | None = field(
@@ -98,7 +98,7 @@ class RunError(ValueError):
 # ------------------------------------------------------------------------------------------ model
 def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, CLIPProcessor]:
     """The model and processor to start from: tiny preset (randomly initialised from ``seed``), the
-    pre-trained tiny CLIP (`ccafl_hf.pretraining`, built on first use), a CLIP checkpoint (converted)
+    pre-trained tiny CLIP (`ccafl_hf.pretraining`, shipped weights), a CLIP checkpoint (converted)
     or a CCAFL one."""
     size = tuple(model_args.image_size) if model_args.image_size else None
     if size is not None and len(size) != 2:
@@ -224,7 +224,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
     if info.num_cameras < 2:
         raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
-    model, processor = build_model(model_args, seed=args.seed)  # tiny-pretrained: built once, under a file lock
+    model, processor = build_model(model_args, seed=args.seed)
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
