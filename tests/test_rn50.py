@@ -131,6 +131,7 @@ def test_rn50_round_trip_auto_model(tmp_path):
             torch.testing.assert_close(getattr(reloaded.get_reid_outputs(pixels), name),
                                        getattr(model.get_reid_outputs(pixels), name), rtol=0, atol=0)
     assert reloaded.vision_model.gem.p.item() == 2.5
+    assert not reloaded.neck.bias.requires_grad and "neck.bias" not in dict(reloaded.named_parameters())
 
 
 def test_gem_pooling_matches_the_formula():
