@@ -3,9 +3,9 @@
 All in one run, same batch, same model (CLIP ViT-B/16 architecture, random init, 256×128, batch 32):
 
 * baseline: vision tower forward + backward with a linear cross-entropy head, Adam step;
-* ICDL step: `CCAFLForTraining` forward with every stage-2 loss (camera memories with N
-  identities, image–text, triplets, global-ID classifier), backward, Adam step, memory update;
-  target ICDL / baseline <= 1.10;
+* ICDL step: `CCAFLForTraining` forward with every stage-2 loss of `ICDLObjective` (camera memories
+  with N identities, image–text, triplets, per-camera reduction), backward, Adam step, memory update,
+  and the global-ID classifier's own Adam step; target ICDL / baseline <= 1.10;
 * ICAL step with vs without the adversarial loss and the classifier; target overhead <= 5 %.
 
     python benchmarks/stage_steps.py            # ViT-B/16 (slow on 2 CPU cores: a few minutes)
@@ -22,8 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ccafl_hf import CCAFLConfig, CCAFLModel, create_tiny_model
-from ccafl_hf.pipeline import _set_trainable_for_image_stages
-from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments
+from ccafl_hf.trainers import (
+    CCAFLForTraining,
+    CCAFLTrainingArguments,
+    ICALObjective,
+    ICDLObjective,
+    set_image_stage_trainable,
+)
 
 
 def _interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -65,7 +70,7 @@ def main() -> None:
                            "patch_size": 16, "intermediate_size": 3072},
             projection_dim=512, image_size=(256, 128),
         ))
-    _set_trainable_for_image_stages(model)
+    set_image_stage_trainable(model)
     model.train()
     n, b = args.num_identities, args.batch_size
     identity_camids = torch.arange(n) * args.num_cameras // n
@@ -96,29 +101,32 @@ def main() -> None:
         loss.backward()
         base_opt.step()
 
-    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    opt = torch.optim.Adam([p for p in module.model.parameters() if p.requires_grad], lr=1e-5)
+    classifier_opt = torch.optim.Adam(module.classifier.parameters(), lr=3.5e-4, weight_decay=5e-4)
+    icdl, ical = ICDLObjective(training_args), ICALObjective(training_args)
 
-    def stage_step() -> None:
-        out = module(pixel_values=pixels, intra_ids=intra_ids, camids=camids)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        module.update_memories(out["reid_features"], intra_ids)
-
-    def configured(stage: str, adversarial: bool, classifier: bool):
+    def configured(objective, epoch: int, classifier: bool):
         def step() -> None:
-            module.stage = stage
-            module.switches.image_text = True
-            module.switches.adversarial, module.switches.classifier = adversarial, classifier
-            stage_step()
+            out = module(pixel_values=pixels, intra_ids=intra_ids, camids=camids, objective=objective, epoch=epoch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            objective.update_memories(module, out["reid_features"], intra_ids)
+            if classifier:  # the trainer's classifier step: its own Adam on the detached features
+                loss = module.classifier.classification_loss(out["reid_features"], intra_ids)
+                classifier_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                classifier_opt.step()
         return step
 
+    image_text_epoch = training_args.ical_image_text_start_epoch
+    adversarial_epoch = training_args.adversarial_start_epoch
     medians = _interleaved_medians(
         {
             "baseline": baseline,
-            "icdl": configured("icdl", False, True),
-            "ical_plain": configured("ical", False, False),
-            "ical_adv": configured("ical", True, True),
+            "icdl": configured(icdl, 0, True),
+            "ical_plain": configured(ical, image_text_epoch, False),
+            "ical_adv": configured(ical, adversarial_epoch, True),
         },
         args.repeats,
     )

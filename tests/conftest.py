@@ -1,8 +1,16 @@
-"""Shared fixtures: offline Hub, tiny models, small synthetic data."""
+"""Shared fixtures: offline Hub, a temporary package cache, tiny models, small synthetic data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Everything the package caches (synthetic datasets, pre-trained models) goes to a temporary folder
+# for this session, never to the user's ~/.cache/ccafl_hf; subprocesses inherit it.
+_CACHE = tempfile.mkdtemp(prefix="ccafl_hf-test-cache-")
+os.environ["CCAFL_HF_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 

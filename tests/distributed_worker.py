@@ -1,5 +1,5 @@
-"""Worker of test_distributed.py: a short ICDL + ICAL run under several processes; every rank
-writes its memory buffers and pseudo-labels so the test can compare them."""
+"""Worker of test_distributed.py: a short ICDL → ICAL loop under several processes; every rank
+writes its memory buffers, pseudo-labels, classifier and model weights so the test can compare them."""
 
 import sys
 
@@ -14,36 +14,41 @@ from ccafl_hf.data import (
     dataset_summary,
     load_reid_dataset,
 )
-from ccafl_hf.pipeline import _set_trainable_for_image_stages
-from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainingArguments, ICALTrainer, ICDLTrainer
+from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainer, CCAFLTrainingArguments
 
 
 def main(data_dir: str, out_dir: str) -> None:
     dataset = load_reid_dataset("market1501", data_dir)  # the synthetic data is a Market-1501 layout
     info = dataset_summary(dataset)
     model, processor = create_tiny_model(seed=0)
-    _set_trainable_for_image_stages(model)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     train_collator = ReIDCollator(build_train_transform(64, 32, mean, std))
     eval_collator = ReIDCollator(build_eval_transform(64, 32, mean, std))
     args = CCAFLTrainingArguments(
         output_dir=out_dir, num_identities_per_batch=4, num_instances=4, iters_per_epoch=3, icdl_epochs=1,
         ical_epochs=1, memory_instances=4, warmup_epochs=0, per_device_eval_batch_size=64, disable_tqdm=True,
-        logging_strategy="no", save_strategy="no", seed=0, ddp_find_unused_parameters=True,
+        logging_strategy="no", save_strategy="no", seed=0, report_to="none",
         adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1,
     )
     module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
-    icdl = ICDLTrainer(module, args.stage_arguments("icdl"), dataset["train"], train_collator, eval_collator)
-    icdl.train()
-    rank = icdl.args.process_index
-    camera_memory = {f"icdl.{k}": v.detach().cpu().contiguous().float() for k, v in module.camera_memory.state_dict().items()}
-    ical = ICALTrainer(module, args.stage_arguments("ical"), dataset["train"], train_collator, eval_collator,
-                       epoch_offset=1)
-    ical.train()
+    trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, stages=("icdl",))
+    trainer.train()
+    rank = trainer.args.process_index
+    ddp = trainer.model_wrapped
+    ignored = getattr(ddp, "parameters_to_ignore", set())
+    camera_memory = {f"icdl.{k}": v.detach().cpu().contiguous().float()
+                     for k, v in module.camera_memory.state_dict().items()}
+    trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, stages=("ical",))
+    trainer.train()
     state = {**camera_memory,
              "ical.pseudo_labels": module.pseudo_labels.cpu().contiguous(),
              "ical.cluster_centroids": module.cluster_memory.centroids.detach().cpu().contiguous(),
-             "world_size": torch.tensor(icdl.args.world_size)}
+             "classifier.weight": module.classifier.weight.detach().cpu().contiguous(),
+             **{f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+             "world_size": torch.tensor(trainer.args.world_size),
+             "memories_out_of_ddp_sync": torch.tensor(all(
+                 name in ignored for name in ("camera_memory.instances", "camera_memory.centroids",
+                                              "cluster_memory.centroids", "classifier.weight")))}
     save_file(state, f"{out_dir}/rank{rank}.safetensors")
 
 

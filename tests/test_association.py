@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccafl_hf import association
+from ccafl_hf import association, neighbors
 from ccafl_hf.association import associate_across_cameras, association_diagnostics
 
 
@@ -177,7 +177,7 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="num_pairs must be a non-negative int"):
             associate_across_cameras(x, cameras, m)
     with pytest.raises(RuntimeError, match="faiss"):
-        if association.faiss_gpu_available():
+        if neighbors.faiss_gpu_available():
             pytest.skip("faiss-gpu present")
         associate_across_cameras(x, cameras, 5, use_gpu=True)
 

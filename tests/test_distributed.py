@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): memories and pseudo-labels are identical on both ranks."""
+"""Two CPU processes (gloo): memories, pseudo-labels, the classifier and the model weights are
+identical on both ranks, with the memories and the classifier kept out of DDP's synchronisation."""
 
 import os
 import socket
@@ -32,3 +33,6 @@ def test_two_process_run_keeps_memories_and_pseudo_labels_identical(small_synthe
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=key)
     assert bool(ranks[0]["icdl.initialized"])
     assert (ranks[0]["ical.pseudo_labels"] >= 0).any()
+    assert bool(ranks[0]["memories_out_of_ddp_sync"])
+    # model weights (incl. the BN-neck statistics, synchronised from rank 0 before every extraction) agree
+    assert any(key.startswith("model.neck.running_mean") for key in ranks[0])

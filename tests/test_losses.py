@@ -15,6 +15,7 @@ from ccafl_hf.losses import (
     inter_camera_image_text_loss,
     intra_camera_image_text_loss,
     prompt_contrastive_loss,
+    reduce_per_sample,
 )
 
 # 12 identities over 3 cameras, laid end to end
@@ -205,6 +206,39 @@ def test_centroid_triplet_matches_loop():
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     got.backward()
     assert torch.isfinite(x.grad).all() and cents.grad is None  # centroids are constants
+
+
+def test_icdl_losses_camera_sum_match_a_loop_over_cameras():
+    """reduction="camera_sum" (the reference's ICDL reduction): each loss on the samples of one camera,
+    averaged over them, then summed over the cameras — on a batch with very unequal camera shares."""
+    g = torch.Generator().manual_seed(11)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11])  # 8 / 2 / 10 samples
+    cams = IDENTITY_CAMIDS[ids]
+    x = F.normalize(torch.randn(len(ids), 8, generator=g), dim=1)
+    text = torch.randn(N, 8, generator=g)
+    cents = F.normalize(torch.randn(N, 8, generator=g), dim=1)
+    members = [cams == c for c in cams.unique()]
+    assert sorted(int(m.sum()) for m in members) == [2, 8, 10]
+
+    def per_camera(ref):
+        return sum(ref(m) for m in members)
+
+    got = intra_camera_image_text_loss(x, text, ids, IDENTITY_CAMIDS, label_smoothing=0.1, reduction="camera_sum")
+    ref = per_camera(lambda m: _ref_intra_image_text(x[m], text, ids[m], IDENTITY_CAMIDS, 0.1))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    got = batch_hard_triplet_loss(x, ids, margin=0.3, groups=cams, reduction="camera_sum")
+    ref = per_camera(lambda m: _ref_batch_hard(x[m], ids[m], 0.3))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    got = centroid_triplet_loss(x, ids, cents, IDENTITY_CAMIDS, margin=0.3, reduction="camera_sum")
+    ref = per_camera(lambda m: _ref_centroid_triplet(x[m], ids[m], cents, IDENTITY_CAMIDS, 0.3))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # the batch mean weighs cameras by their share: it differs here
+    mean = intra_camera_image_text_loss(x, text, ids, IDENTITY_CAMIDS, label_smoothing=0.1)
+    assert not torch.isclose(mean * len(members), got, rtol=1e-3)
+    with pytest.raises(ValueError, match="reduction"):
+        reduce_per_sample(torch.zeros(3), "sum")
+    with pytest.raises(ValueError, match="camera"):
+        reduce_per_sample(torch.zeros(3), "camera_sum")
 
 
 def test_adversarial_matches_loop():

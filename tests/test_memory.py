@@ -131,6 +131,25 @@ def test_camera_memory_losses_and_gradients_match_loop():
     torch.testing.assert_close(memory.loss(feats, ids, centroid_weight=0.0), ref_i)
 
 
+def test_camera_memory_camera_sum_matches_a_loop_over_cameras():
+    """reduction="camera_sum": per camera the mean over its samples, summed over the cameras (4 / 1 / 7
+    samples), values and gradients."""
+    memory, _, _ = _initialized_memory(num_instances=5)
+    ids = torch.tensor([0, 0, 2, 1, 3, 5, 6, 7, 8, 8, 8, 8])
+    feats = _features(len(ids), 21)
+    x1, x2 = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+    got = memory.loss(x1, ids, centroid_weight=0.6, reduction="camera_sum")
+    ref = 0.0
+    for camera in IDENTITY_CAMIDS[ids].unique():
+        member = IDENTITY_CAMIDS[ids] == camera
+        ref_c, ref_i = _ref_memory_losses(memory, x2[member], ids[member])
+        ref = ref + 0.6 * ref_c + 0.4 * ref_i
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def test_camera_memory_state_dict_round_trip():
     memory, _, _ = _initialized_memory(num_instances=3)
     memory.update(_features(4, 30), torch.tensor([0, 0, 5, 7]))

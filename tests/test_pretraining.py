@@ -3,11 +3,11 @@ pre-training, cache, and its use as ``--model_name_or_path tiny-pretrained``."""
 
 import json
 import re
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers.models.clip import modeling_clip
 
 from ccafl_hf import CCAFLModel, build_tiny_tokenizer
@@ -21,11 +21,15 @@ from ccafl_hf.data.synthetic import (
 from ccafl_hf.pipeline import ModelArguments, build_model
 from ccafl_hf.pretraining import (
     PRETRAINING_FILE,
+    SHIPPED_WEIGHTS,
     TinyCLIPPretrainingConfig,
     clip_contrastive_loss,
     default_pretrained_root,
     load_tiny_pretrained,
     pretrain_tiny_clip,
+    read_weights_metadata,
+    rebuild_shipped_weights,
+    tiny_pretrained_architecture,
 )
 from ccafl_hf.processing import TINY_VOCAB_WORDS
 
@@ -135,23 +139,57 @@ def test_pretrained_model_is_cached_and_reused(pretrained, monkeypatch):
     assert default_pretrained_root(SMALL_RECIPE) != default_pretrained_root(TinyCLIPPretrainingConfig())
 
 
-def test_build_model_tiny_pretrained_uses_the_cache(pretrained, monkeypatch, tmp_path):
-    cache, _, model, _ = pretrained
-    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
-    small = default_pretrained_root(SMALL_RECIPE)
-    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path))
-    # the small model stands in for the default recipe's cache entry (the real one takes minutes)
-    shutil.copytree(small, default_pretrained_root(TinyCLIPPretrainingConfig()))
+def test_build_model_tiny_pretrained_loads_the_shipped_weights(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("pre-trained instead of loading the shipped weights")
+
+    monkeypatch.setattr("ccafl_hf.pretraining.pretrain_tiny_clip", fail)
     built, processor = build_model(ModelArguments(model_name_or_path="tiny-pretrained"), seed=5)
     assert isinstance(built, CCAFLModel)
-    torch.testing.assert_close(built.vision_model.embeddings.patch_embedding.weight,
-                               model.vision_model.embeddings.patch_embedding.weight, rtol=0, atol=0)
+    shipped = load_file(str(SHIPPED_WEIGHTS))
+    assert shipped.keys() == built.state_dict().keys()
+    for name, tensor in built.state_dict().items():
+        torch.testing.assert_close(tensor, shipped[name], rtol=0, atol=0, msg=name)
+    assert processor.tokenizer.tokenize("backpack") == ["backpack</w>"]
+    assert not default_pretrained_root(TinyCLIPPretrainingConfig()).exists()  # nothing built or cached
     from ccafl_hf.pipeline import RunError
 
     with pytest.raises(RunError, match="runs at"):
         build_model(ModelArguments(model_name_or_path="tiny-pretrained", image_size=[128, 64]))
     with pytest.raises(RunError, match="config_overrides"):
         build_model(ModelArguments(model_name_or_path="tiny-pretrained", config_overrides='{"projection_dim": 8}'))
+
+
+def test_shipped_weights_are_the_default_recipes():
+    """The packaged file is small, names the default recipe by its fingerprint, and fits its architecture."""
+    assert SHIPPED_WEIGHTS.stat().st_size < 1024 * 1024
+    metadata = read_weights_metadata()
+    recipe = TinyCLIPPretrainingConfig()
+    assert metadata["fingerprint"] == recipe.fingerprint()
+    assert TinyCLIPPretrainingConfig(**metadata["summary"]["recipe"]) == recipe
+    assert metadata["summary"]["final_batch_accuracy"] > 0.5  # the recipe learnt (chance: 1 / batch_size)
+    architecture, _ = tiny_pretrained_architecture(recipe)
+    shipped = load_file(str(SHIPPED_WEIGHTS))
+    expected = architecture.state_dict()
+    assert {k: tuple(v.shape) for k, v in shipped.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert shipped["neck.weight"].eq(1).all()  # pre-training leaves the ReID neck alone
+
+
+@pytest.mark.slow
+def test_rebuilding_reproduces_the_shipped_weights(tmp_path, monkeypatch):
+    """The recipe rebuilds the shipped file (about ten minutes on one CPU thread). Bit for bit on the torch
+    build and CPU capability that made it; elsewhere (float sums in another order) to a tolerance."""
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
+    rebuilt = load_file(str(rebuild_shipped_weights(tmp_path / "rebuilt.safetensors", show_progress=False)))
+    shipped, metadata = load_file(str(SHIPPED_WEIGHTS)), read_weights_metadata()
+    same_machine = (metadata["torch"], metadata["cpu_capability"]) == (
+        torch.__version__, torch.backends.cpu.get_cpu_capability())
+    assert rebuilt.keys() == shipped.keys()
+    for name in shipped:
+        if same_machine:
+            assert torch.equal(rebuilt[name], shipped[name]), name
+        else:
+            torch.testing.assert_close(rebuilt[name], shipped[name], rtol=0.05, atol=0.02, msg=name)
 
 
 def test_bad_recipe_is_refused_by_name():

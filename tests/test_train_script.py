@@ -111,7 +111,7 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
     assert push_output_dir(args) == "someone/ccafl-demo"
     assert calls["repo"] == "someone/ccafl-demo"
     assert "model-index" in yaml.safe_load((sent / "README.md").read_text().split("---")[1])
-    assert not any(path.startswith("checkpoints/") for path in calls["commit"])
+    assert not any(path.startswith("checkpoints/") for path in calls["commit"]) and "ccafl_run.json" not in calls["commit"]
     assert {"README.md", "model.safetensors", "modeling_ccafl.py", "prompt_adapter/adapter_config.json"} <= set(
         calls["commit"])
     script = textwrap.dedent(f"""
@@ -140,21 +140,27 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def test_sigkill_mid_stage_then_resume_matches_uninterrupted_run(trained, tmp_path):
-    """Killed while ICAL runs (after its first epoch checkpoint), the rerun resumes the right stage and
-    epoch (memories, pseudo-labels, classifier, optimiser, scheduler, RNG) and ends bit-identical."""
+def test_sigkill_at_the_icdl_ical_boundary_then_resume_matches_uninterrupted_run(trained, tmp_path):
+    """Killed right after the checkpoint that ends ICDL (the stage-2/3 loop goes on into ICAL), the rerun
+    resumes the loop at the boundary (memories, classifier and its own Adam, the one optimiser,
+    scheduler, RNG) and ends bit-identical."""
     reference, cache = trained
     out = tmp_path / "killed"
+    loop = out / "checkpoints" / "icdl_ical"
+    boundary = loop / "checkpoint-8"  # --icdl_epochs 2 × --iters_per_epoch 4
     process = subprocess.Popen(_script(out, cache), env=_env(cache), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "checkpoints" / "ical").glob("checkpoint-*")):
+    while time.time() < deadline and not (boundary / "trainer_state.json").is_file():
         if process.poll() is not None:
             pytest.fail("the run ended before it could be killed")
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "eval_results.json").exists(), "the run finished before the kill"
+    complete = [int(p.name.split("-")[1]) for p in loop.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    assert max(complete) == 8, complete  # killed between the boundary and the next checkpoint
+    assert (out / "checkpoints" / "icdl" / "final" / "eval_results.json").is_file()  # ICDL evaluated in the loop
     result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -203,7 +209,7 @@ def test_presets_and_flags(tmp_path):
     # explicit flags override the preset; dataset and preset are independent
     model_args, data_args, args = parse_train_args(
         ["--output_dir", str(tmp_path), "--preset", "paper-msmt17", "--dataset", "market1501", "--icdl_epochs", "2"])
-    assert model_args.model_name_or_path == "openai/clip-vit-base-patch16"
+    assert model_args.model_name_or_path == "timm/resnet50_clip.openai"
     assert data_args.dataset == "market1501" and args.icdl_epochs == 2
     assert args.association_rate == 1.3 and args.memory_lambda == 0.0 and args.num_identities_per_batch == 32
     assert load_preset("paper-dukemtmc")["adversarial_margin"] == 0.3
@@ -243,7 +249,7 @@ def test_evaluate_script_reproduces_training_metrics(trained, tmp_path, monkeypa
 def test_paper_preset_offline_fails_with_one_clear_line(tmp_path, capsys, monkeypatch):
     """The real path (ViT-B/16 from the Hub) is implemented and, offline, says how to provide the weights."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = train_main(["--preset", "paper-market1501", "--output_dir", str(tmp_path / "out"),
+    code = train_main(["--preset", "vit-b16-market1501", "--output_dir", str(tmp_path / "out"),
                        "--dataset_options", json.dumps(SMALL_SYNTHETIC)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1

@@ -29,13 +29,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .neighbors import as_float32_numpy, faiss_gpu_available
+from .neighbors import as_float32_numpy, faiss, resolve_faiss_gpu  # faiss: with the install hint if missing
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +105,7 @@ class _L2Searcher:
     """Exact squared-L2 kNN on CPU or GPU faiss; holds one GPU resource for all calls of an association."""
 
     def __init__(self, use_gpu: bool | None):
-        if use_gpu is None:
-            use_gpu = faiss_gpu_available()
-        if use_gpu and not faiss_gpu_available():
-            raise RuntimeError(
-                "use_gpu=True but faiss has no GPU support here; install the `gpu` extra (faiss-gpu)"
-            )
-        self.resources = faiss.StandardGpuResources() if use_gpu else None
+        self.resources = faiss.StandardGpuResources() if resolve_faiss_gpu(use_gpu) else None
 
     def __call__(self, queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances and indices ``[Q, k]`` (ascending) of ``queries [Q, D]`` into ``database [B, D]``."""
@@ -296,7 +289,7 @@ def associate_across_cameras(
     accepted = _greedy_walk(a, b, cam, num_cams)
     pairs = np.stack([a[accepted], b[accepted]], axis=1)
     labels = _component_labels(pairs, n)
-    logger.info(
+    logger.debug(
         "cross-camera association: %d identities, %d cameras, %d pairs walked, %d accepted, "
         "%d clusters, %d identities associated (%d candidates searched)",
         n,

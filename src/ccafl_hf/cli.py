@@ -43,11 +43,18 @@ def _peek_option(argv: list[str], name: str, default: str) -> str:
 
 def parse_train_args(argv: list[str] | None = None):
     """Parse ``train.py`` arguments: preset values become defaults, explicit flags override them."""
+    return _parse_train_command(argv)[:3]
+
+
+def _parse_train_command(argv: list[str] | None = None):
+    """``(model_args, data_args, training_args, print_settings)`` of a ``train.py`` command line."""
     from .pipeline import DataArguments, ModelArguments
     from .trainers.arguments import CCAFLTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
+    parser.add_argument("--print_settings", action="store_true",
+                        help="Print every resolved setting (preset + flags) as JSON and exit without training.")
     preset_name = _peek_option(argv, "preset", "demo")
     preset = load_preset(preset_name)
     known = {action.dest for action in parser._actions}
@@ -55,7 +62,8 @@ def parse_train_args(argv: list[str] | None = None):
     if unknown:
         raise PresetError(f"preset {preset_name!r} sets unknown argument(s): {', '.join(unknown)}")
     parser.set_defaults(**preset)
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, extra.print_settings
 
 
 def _format_table(results: dict[str, Any]) -> str:
@@ -79,10 +87,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        model_args, data_args, training_args = parse_train_args(argv)
+        model_args, data_args, training_args, print_settings = _parse_train_command(argv)
     except ValueError as error:  # bad flag values, preset problems, argument validation
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
+    if print_settings:
+        from .pipeline import resolved_settings
+
+        print(json.dumps(resolved_settings(model_args, data_args, training_args), indent=2))
+        return 0
     try:
         results = run_training(model_args, data_args, training_args)
     except (RunError, ReIDDatasetError, OSError) as error:

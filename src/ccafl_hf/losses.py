@@ -26,6 +26,7 @@ __all__ = [
     "batch_hard_triplet_loss",
     "centroid_triplet_loss",
     "fp32_region",
+    "reduce_per_sample",
     "inter_camera_image_text_loss",
     "intra_camera_image_text_loss",
     "prompt_contrastive_loss",
@@ -85,6 +86,40 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values[mask]`` (``[B]`` each) without a host sync; exactly 0 (with grad) if empty."""
     total = values.masked_fill(~mask, 0.0).sum()
     return total / mask.sum().clamp_min(1).to(total.dtype)
+
+
+REDUCTIONS = ("mean", "camera_sum")
+
+
+def reduce_per_sample(
+    values: torch.Tensor, reduction: str = "mean", cameras: torch.Tensor | None = None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Reduce per-sample losses ``[B]`` to a scalar.
+
+    * ``"mean"``: mean over the valid samples of the batch;
+    * ``"camera_sum"``: for every camera present, the mean over its valid samples, **summed** over the
+      cameras (the reference's ICDL reduction: cameras count equally, whatever their share of the
+      batch). A camera without valid samples contributes 0.
+
+    Args:
+        values: ``[B]`` per-sample losses.
+        cameras: ``[B]`` camera of each sample (required by ``"camera_sum"``).
+        valid: ``[B]`` bool, the samples that count (default: all).
+    Returns:
+        scalar (0 with grad when nothing is valid); no host sync.
+    """
+    if valid is None:
+        valid = torch.ones_like(values, dtype=torch.bool)
+    if reduction == "mean":
+        return _masked_mean(values, valid)
+    if reduction != "camera_sum":
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if cameras is None:
+        raise ValueError("reduction 'camera_sum' needs the camera of every sample")
+    # each valid sample weighs 1 / (valid samples of its camera): the sum is the sum of camera means
+    same_camera = cameras.unsqueeze(0) == cameras.unsqueeze(1)
+    per_camera = (same_camera & valid.unsqueeze(0)).sum(1).clamp_min(1).to(values.dtype)
+    return (values.masked_fill(~valid, 0.0) / per_camera).sum()
 
 
 def _pairwise_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -178,13 +213,15 @@ def intra_camera_image_text_loss(
     intra_ids: torch.Tensor,
     identity_camids: torch.Tensor,
     label_smoothing: float = 0.1,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Image → own-camera identity texts, label-smoothed cross-entropy (METHOD.md §4).
 
     Logits of sample ``b`` are the dot products ``align_b . text_n`` for the ``N_c`` identities ``n``
     of its own camera ``c`` (all other identities are excluded from its softmax). Label smoothing is
     spread over those ``N_c`` identities — a per-camera class count, not a fixed one (§8):
-    ``q = (1 - eps) onehot(y) + eps / N_c``. Mean over the samples of the batch.
+    ``q = (1 - eps) onehot(y) + eps / N_c``. Mean over the samples of the batch, or with
+    ``reduction="camera_sum"`` the sum over cameras of each camera's mean (see `reduce_per_sample`).
 
     Args:
         align_features: ``[B, P]`` alignment features.
@@ -192,6 +229,7 @@ def intra_camera_image_text_loss(
         intra_ids: ``[B]`` identity of each sample.
         identity_camids: ``[N]`` camera of every identity.
         label_smoothing: ``eps``.
+        reduction: ``"mean"`` or ``"camera_sum"``.
     Returns:
         scalar fp32 loss.
     """
@@ -206,7 +244,8 @@ def intra_camera_image_text_loss(
         logits = align_features.float() @ text_features.float().t()  # [B, N]
         own_camera = identity_camids.unsqueeze(0) == identity_camids[intra_ids].unsqueeze(1)
         log_probs = torch.log_softmax(logits.masked_fill(~own_camera, float("-inf")), dim=1)
-        return _smoothed_cross_entropy(log_probs, intra_ids, own_camera, label_smoothing).sum() / max(b, 1)
+        per_sample = _smoothed_cross_entropy(log_probs, intra_ids, own_camera, label_smoothing)
+        return reduce_per_sample(per_sample, reduction, cameras=identity_camids[intra_ids])
 
 
 def inter_camera_image_text_loss(
@@ -248,7 +287,11 @@ def inter_camera_image_text_loss(
 
 
 def batch_hard_triplet_loss(
-    features: torch.Tensor, labels: torch.Tensor, margin: float = 0.3, groups: torch.Tensor | None = None
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.3,
+    groups: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Batch-hard triplet loss with Euclidean distances (METHOD.md §4, §5).
 
@@ -263,8 +306,10 @@ def batch_hard_triplet_loss(
         labels: ``[B]`` identity / pseudo-identity, ``-1`` = unlabelled.
         margin: triplet margin.
         groups: optional ``[B]`` group of each sample.
+        reduction: ``"mean"`` over the valid anchors, or ``"camera_sum"``: per group (camera) the mean
+            over its valid anchors, summed over the groups (needs ``groups``).
     Returns:
-        scalar fp32 loss, mean over the valid anchors (0 if there are none).
+        scalar fp32 loss (0 if there is no valid anchor).
     """
     _check_matrix(features, "features")
     b = features.shape[0]
@@ -286,7 +331,7 @@ def batch_hard_triplet_loss(
         hardest_neg = dist.masked_fill(~negative, float("inf")).amin(1)
         valid = positive.any(1) & negative.any(1)
         per_anchor = F.relu(hardest_pos - hardest_neg + margin).masked_fill(~valid, 0.0)
-        return _masked_mean(per_anchor, valid)
+        return reduce_per_sample(per_anchor, reduction, cameras=groups, valid=valid)
 
 
 def centroid_triplet_loss(
@@ -295,6 +340,7 @@ def centroid_triplet_loss(
     centroids: torch.Tensor,
     identity_camids: torch.Tensor,
     margin: float = 0.3,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Triplet loss against the camera memory's centroids (METHOD.md §4).
 
@@ -308,6 +354,7 @@ def centroid_triplet_loss(
         centroids: ``[N, D]`` per-identity centroids.
         identity_camids: ``[N]`` camera of every identity.
         margin: triplet margin.
+        reduction: ``"mean"`` or ``"camera_sum"`` (see `reduce_per_sample`).
     Returns:
         scalar fp32 loss.
     """
@@ -325,7 +372,7 @@ def centroid_triplet_loss(
         d_neg = dist.masked_fill(~negative, float("inf")).amin(1)
         valid = negative.any(1)
         per_sample = F.relu(d_pos - d_neg + margin).masked_fill(~valid, 0.0)
-        return _masked_mean(per_sample, valid)
+        return reduce_per_sample(per_sample, reduction, cameras=identity_camids[intra_ids], valid=valid)
 
 
 # ----------------------------------------------------------------------------------------------

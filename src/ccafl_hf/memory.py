@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import _check_labels, _check_matrix, _masked_mean, fp32_region
+from .losses import _check_labels, _check_matrix, _masked_mean, fp32_region, reduce_per_sample
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,9 @@ class CameraMemory(nn.Module):
     advances to ``(pointer + k) mod I``. If ``k > I`` only the last ``I`` samples are written, so each
     slot is written once per update and the result is deterministic.
 
-    Loss reduction: the paper's loss is a cross-entropy per camera over that camera's identities; here
-    every sample's cross-entropy runs over its own camera's identities (others masked with ``-inf``)
-    and the loss is the **mean over all samples of the batch**, i.e. the per-camera means averaged with
-    weights proportional to each camera's share of the batch. Unlike a sum of per-camera means, this
-    does not grow with the number of cameras in the batch.
+    Loss reduction: every sample's cross-entropy runs over its own camera's identities (others masked
+    with ``-inf``). ``reduction="camera_sum"`` is the reference's: per camera the mean over its samples,
+    **summed** over the cameras in the batch (cameras count equally); ``"mean"`` averages over the batch.
 
     Args:
         num_identities: ``N``.
@@ -233,25 +231,29 @@ class CameraMemory(nn.Module):
             logits = sims.gather(1, index) / self.temperature
             return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
 
-    def centroid_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy over own-camera centroids; mean over the batch. ``[B, D]``, ``[B]`` → scalar."""
-        logits = self.centroid_logits(features, intra_ids)
-        return F.cross_entropy(logits, intra_ids.long(), reduction="sum") / max(logits.shape[0], 1)
+    def _reduce(self, logits: torch.Tensor, intra_ids: torch.Tensor, reduction: str) -> torch.Tensor:
+        per_sample = F.cross_entropy(logits, intra_ids.long(), reduction="none")
+        return reduce_per_sample(per_sample, reduction, cameras=self.identity_camids[intra_ids])
 
-    def hard_instance_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of `hard_instance_logits`; mean over the batch. ``[B, D]``, ``[B]`` → scalar."""
-        logits = self.hard_instance_logits(features, intra_ids)
-        return F.cross_entropy(logits, intra_ids.long(), reduction="sum") / max(logits.shape[0], 1)
+    def centroid_loss(self, features: torch.Tensor, intra_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over own-camera centroids. ``[B, D]``, ``[B]`` → scalar (``reduction``: mean | camera_sum)."""
+        return self._reduce(self.centroid_logits(features, intra_ids), intra_ids, reduction)
 
-    def loss(self, features: torch.Tensor, intra_ids: torch.Tensor, centroid_weight: float = 0.6) -> torch.Tensor:
+    def hard_instance_loss(self, features: torch.Tensor, intra_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of `hard_instance_logits`. ``[B, D]``, ``[B]`` → scalar (``reduction``: mean | camera_sum)."""
+        return self._reduce(self.hard_instance_logits(features, intra_ids), intra_ids, reduction)
+
+    def loss(
+        self, features: torch.Tensor, intra_ids: torch.Tensor, centroid_weight: float = 0.6, reduction: str = "mean"
+    ) -> torch.Tensor:
         """``lambda * centroid_loss + (1 - lambda) * hard_instance_loss`` with ``lambda = centroid_weight``."""
         if not 0.0 <= centroid_weight <= 1.0:
             raise ValueError(f"centroid_weight must lie in [0, 1], got {centroid_weight}")
         total = features.new_zeros((), dtype=torch.float32)
         if centroid_weight > 0.0:
-            total = total + centroid_weight * self.centroid_loss(features, intra_ids)
+            total = total + centroid_weight * self.centroid_loss(features, intra_ids, reduction)
         if centroid_weight < 1.0:
-            total = total + (1.0 - centroid_weight) * self.hard_instance_loss(features, intra_ids)
+            total = total + (1.0 - centroid_weight) * self.hard_instance_loss(features, intra_ids, reduction)
         return total
 
 

@@ -309,11 +309,12 @@ class CCAFLModel(CLIPModel):
 
 def _load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
     """Load a `CLIPModel`, turning "not found / offline" into one actionable error."""
-    try:
-        return CLIPModel.from_pretrained(name_or_path)
+    from .hub_utils import hub_local_files_only, hub_offline
+
+    try:  # an unreachable Hub is detected once, instead of by a minute of retries
+        return CLIPModel.from_pretrained(name_or_path, local_files_only=hub_local_files_only(name_or_path))
     except (OSError, ValueError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
+        reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub could not be reached or has no such repo"
         raise OSError(
             f"Could not load CLIP weights {str(name_or_path)!r} ({type(error).__name__}: {reason}; it is not a "
             "local folder or cached checkpoint either). Download them on a machine with network access (e.g. "

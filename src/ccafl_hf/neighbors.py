@@ -9,9 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import faiss
 import numpy as np
 import torch
+
+#: How to install faiss: one of two extras, each providing the one `faiss` module.
+FAISS_INSTALL = 'pip install "ccafl-hf[cpu]" (or "ccafl-hf[gpu]" for faiss with CUDA, on Linux x86-64)'
+
+try:
+    import faiss
+except ImportError:  # the base install leaves the choice of build to the `cpu` / `gpu` extra
+    raise ImportError(f"ccafl-hf needs faiss, which is not installed: {FAISS_INSTALL}") from None
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +35,34 @@ def as_float32_numpy(x: np.ndarray | torch.Tensor, name: str = "features") -> np
     return x
 
 
+def faiss_build() -> str:
+    """``"gpu"`` when the installed faiss has CUDA support (faiss-gpu), else ``"cpu"``."""
+    return "gpu" if hasattr(faiss, "StandardGpuResources") else "cpu"
+
+
 def faiss_gpu_available() -> bool:
     """True when the installed faiss has GPU support and sees at least one GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss_build() == "gpu" and faiss.get_num_gpus() > 0
+
+
+def resolve_faiss_gpu(use_gpu: bool | None) -> bool:
+    """Whether faiss runs on the GPU: ``use_gpu``, or when it is ``None``, whether faiss-gpu sees a GPU.
+
+    Raises:
+        RuntimeError: ``use_gpu=True`` where faiss has no GPU support or sees no GPU.
+    """
+    if use_gpu is None:
+        return faiss_gpu_available()
+    if use_gpu and not faiss_gpu_available():
+        raise RuntimeError(f"use_gpu=True but faiss ({faiss_build()} build) sees no GPU here; faiss-gpu: "
+                           'pip install "ccafl-hf[gpu]" in place of "ccafl-hf[cpu]"')
+    return bool(use_gpu)
 
 
 def to_faiss_device(index, use_gpu: bool | None = None):
-    """Move a faiss CPU ``index`` to the GPU when ``use_gpu`` (None: when faiss-gpu sees a GPU)."""
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    if not use_gpu:
+    """Move a faiss CPU ``index`` to the GPU when `resolve_faiss_gpu` says so."""
+    if not resolve_faiss_gpu(use_gpu):
         return index
-    if not faiss_gpu_available():
-        raise RuntimeError("use_gpu=True but faiss has no GPU support here; install the `gpu` extra (faiss-gpu)")
     return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 

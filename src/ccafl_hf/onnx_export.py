@@ -29,6 +29,16 @@ logger = logging.getLogger(__name__)
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "reid_features"
 DEFAULT_OPSET = 17
+ONNX_INSTALL = 'pip install "ccafl-hf[onnx]"'
+
+
+def require_onnx() -> None:
+    """Raise a one-line `ImportError` with the install command when `onnx` (needed by
+    ``torch.onnx.export``) cannot be imported."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ImportError(f"ONNX export needs the onnx package, which is not installed: {ONNX_INSTALL}") from None
 
 
 class ReIDFeatureModule(nn.Module):
@@ -68,6 +78,7 @@ def export_onnx(
     """
     if not isinstance(model, CCAFLModel):
         raise TypeError(f"export_onnx expects a CCAFLModel, got {type(model).__name__}")
+    require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     source = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
@@ -161,4 +172,4 @@ def verify_onnx(
 
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "ReIDFeatureModule", "export_onnx", "onnxruntime_available",
-           "verify_onnx"]
+           "require_onnx", "verify_onnx"]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
-from transformers import CLIPProcessor, set_seed
+from transformers import CLIPProcessor, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -33,11 +34,14 @@ from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
 from .tiny import TINY_MODELS, create_tiny_model
-from .trainers.arguments import CCAFLTrainingArguments
-from .trainers.ical import ICALTrainer
-from .trainers.icdl import ICDLTrainer
-from .trainers.prompt_learning import FeatureCache, PromptLearningTrainer
-from .trainers.training_module import CCAFLForTraining
+from .trainers import (
+    CCAFLForTraining,
+    CCAFLTrainer,
+    CCAFLTrainingArguments,
+    FeatureCache,
+    PromptLearningTrainer,
+)
+from .trainers.base import IMAGE_STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ EVAL_FILE = "eval_results.json"
 TEXT_FEATURES_FILE = "text_features.safetensors"
 ADAPTER_DIR = "prompt_adapter"
 STATE_FILE = "training_state.safetensors"
+LOOP_CHECKPOINTS = "icdl_ical"  # checkpoints of the stage-2/3 loop: output_dir/checkpoints/icdl_ical
 _CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
@@ -75,9 +80,11 @@ class DataArguments:
     """Which data to train and evaluate on."""
 
     dataset: str = field(
-        default="synthetic", metadata={"help": "synthetic, market1501, dukemtmc, msmt17 or custom."}
+        default="synthetic", metadata={"help": "A ccafl_hf.data.available_datasets() reader, e.g. synthetic, "
+                                               "market1501, custom or hf (🤗 datasets: see --data_dir)."}
     )
-    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder (optional for synthetic)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder or file (optional for synthetic); "
+                                                         "for hf a Hub dataset id, save_to_disk folder or parquet."})
     dataset_options: str = field(
         default="{}", metadata={"help": "JSON dict of reader options, e.g. '{\"num_identities\": 40}' for synthetic."}
     )
@@ -138,20 +145,21 @@ def _config_overrides(value: str | dict | None) -> dict[str, Any]:
     return overrides
 
 
-def _set_trainable_for_image_stages(model: CCAFLModel) -> None:
-    """Stages 2–3: image tower, neck weight and visual projection train; text tower frozen."""
-    model.requires_grad_(False)
-    model.vision_model.requires_grad_(True)
-    model.visual_projection.requires_grad_(True)
-    if isinstance(model.neck, torch.nn.BatchNorm1d):
-        model.neck.weight.requires_grad_(True)
-
-
 # ----------------------------------------------------------------------------------- output folder
 def _run_fingerprint(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
     keys = ("stages", "seed", "prompt_epochs", "icdl_epochs", "ical_epochs", "iters_per_epoch",
             "num_identities_per_batch", "num_instances", "learning_rate")
     return {"model": asdict(model_args), "data": asdict(data_args), "training": {k: getattr(args, k) for k in keys}}
+
+
+SETTINGS_FILE = "resolved_settings.json"  # every resolved setting of the run, written at its start
+
+
+def resolved_settings(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
+    """Every setting of a run after preset + flags, JSON-ready: ``{"model": …, "data": …, "training": …}``
+    (tokens redacted as `TrainingArguments.to_dict` does)."""
+    return json.loads(json.dumps(
+        {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}, default=str))
 
 
 def prepare_output_dir(model_args, data_args, args: CCAFLTrainingArguments) -> bool:
@@ -206,6 +214,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
+        (out / SETTINGS_FILE).write_text(json.dumps(resolved_settings(model_args, data_args, args), indent=2))
     process.wait_for_everyone()
     set_seed(args.seed)
 
@@ -226,7 +235,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
         height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
     ))
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
-    mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    mixed = args.mixed_precision
 
     def evaluate(stage: str) -> dict:
         if len(dataset["query"]) == 0 or len(dataset["gallery"]) == 0:
@@ -254,9 +263,8 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
     identity_camids = torch.as_tensor(info.identity_camids, dtype=torch.long)
     tokenizer = processor.tokenizer
     text_features = None
-    module: CCAFLForTraining | None = None
 
-    for stage in args.stage_list:
+    for stage in [s for s in args.stage_list if s not in IMAGE_STAGES]:  # stage 1
         stage_args = args.stage_arguments(stage)
         final_dir = Path(stage_args.output_dir) / "final"
         done = resuming and (final_dir / EVAL_FILE).is_file() and (explicit is None or explicit[0] != stage)
@@ -265,52 +273,41 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
             resume = explicit[1] if explicit and explicit[0] == stage else last_complete_checkpoint(
                 stage_args.output_dir, discard_incomplete=process.is_main_process)
             process.wait_for_everyone()
-        if stage == "prompt":
-            model.requires_grad_(False)
-            if done:
-                learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
-            else:
-                learner = IdentityPromptLearner(
-                    model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std
-                ).to(device)
-                cache = FeatureCache.build(model, dataset["train"], eval_collator, args)
-                trainer = PromptLearningTrainer(learner, stage_args, cache)
-                trainer.train(resume_from_checkpoint=resume)
-            text_features = learner.all_text_features().to(device)
-            if process.is_main_process and not done:
-                learner.save_pretrained(final_dir / ADAPTER_DIR)
-                save_text_features(text_features, identity_camids, final_dir / TEXT_FEATURES_FILE)
+        model.requires_grad_(False)
+        if done:
+            learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
         else:
-            if text_features is None and (Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE).is_file():
-                text_features, _ = load_text_features(Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE)
-            if module is None:
-                _set_trainable_for_image_stages(model)
-                module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
-            if done:
-                module.load_state_dict(load_file(str(final_dir / STATE_FILE), device=str(device)))
-            else:
-                stage_args.ddp_find_unused_parameters = True
-                trainer_cls = ICDLTrainer if stage == "icdl" else ICALTrainer
-                extra = {"diagnostic_pids": info.identity_diagnostic_pids} if stage == "ical" else {}
-                trainer = trainer_cls(
-                    module, stage_args, dataset["train"], train_collator, eval_collator,
-                    epoch_offset=0 if stage == "icdl" else args.icdl_epochs, **extra,
-                )
-                trainer.train(resume_from_checkpoint=resume)
-                if process.is_main_process:
-                    final_dir.mkdir(parents=True, exist_ok=True)
-                    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-                    save_file(tensors, str(final_dir / STATE_FILE))
+            learner = IdentityPromptLearner(
+                model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std
+            ).to(device)
+            cache = FeatureCache.build(model, dataset["train"], eval_collator, args)
+            trainer = PromptLearningTrainer(learner, stage_args, cache)
+            trainer.train(resume_from_checkpoint=resume)
+        text_features = learner.all_text_features().to(device)
+        if process.is_main_process and not done:
+            learner.save_pretrained(final_dir / ADAPTER_DIR)
+            save_text_features(text_features, identity_camids, final_dir / TEXT_FEATURES_FILE)
         if done:
             stage_results[stage] = json.loads((final_dir / EVAL_FILE).read_text())
         else:
             # stage 1 trains only the prompts (its trainer asserts the model is frozen): the image tower,
             # hence the retrieval metrics, are those of the untrained model, so they are not recomputed
-            stage_results[stage] = dict(stage_results["untrained"]) if stage == "prompt" else evaluate(stage)
+            stage_results[stage] = dict(stage_results["untrained"])
             if process.is_main_process:
                 final_dir.mkdir(parents=True, exist_ok=True)
                 (final_dir / EVAL_FILE).write_text(json.dumps(stage_results[stage]))
         process.wait_for_everyone()
+
+    image_stages = [s for s in args.stage_list if s in IMAGE_STAGES]
+    if image_stages:
+        prompt_text = Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE
+        if text_features is None and prompt_text.is_file():
+            text_features, _ = load_text_features(prompt_text)
+        module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
+        stage_results.update(_run_image_stages(
+            module, dataset, info, args, image_stages, resuming, explicit, train_collator, eval_collator,
+            previous=stage_results.get("prompt", stage_results["untrained"]),
+        ))
 
     last = args.stage_list[-1] if args.stage_list else "untrained"
     results = {**stage_results[last], "stages": stage_results}
@@ -320,6 +317,66 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
             push_output_dir(args)
     process.wait_for_everyone()
     return results
+
+
+class _StageEndWriter(TrainerCallback):
+    """Writes ``checkpoints/<stage>/final`` (metrics; the module state after the last stage) when the
+    stage-2/3 trainer evaluates at the end of a stage — before that epoch's checkpoint is saved, so a
+    run resumed from that checkpoint finds them."""
+
+    def __init__(self, trainer: CCAFLTrainer, finals: dict[str, Path], last_stage: str):
+        self.trainer, self.finals, self.last_stage = trainer, finals, last_stage
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        stage = self.trainer.objective.name
+        if self.trainer.accelerator.is_main_process and stage in self.trainer.stage_results:
+            _write_stage_final(self.finals[stage], self.trainer.stage_results[stage],
+                               self.trainer.training_module if stage == self.last_stage else None)
+
+
+def _write_stage_final(final_dir: Path, metrics: dict, module: CCAFLForTraining | None) -> None:
+    final_dir.mkdir(parents=True, exist_ok=True)
+    if module is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, str(final_dir / STATE_FILE))
+    (final_dir / EVAL_FILE).write_text(json.dumps(metrics))
+
+
+def _run_image_stages(
+    module: CCAFLForTraining, dataset, info, args: CCAFLTrainingArguments, stages: list[str], resuming: bool,
+    explicit: tuple[str, str] | None, train_collator, eval_collator, previous: dict,
+) -> dict[str, dict]:
+    """Stages 2–3 as one `CCAFLTrainer` loop (checkpoints in ``checkpoints/icdl_ical``); returns the
+    metrics after each stage (a stage without epochs keeps the previous stage's metrics)."""
+    process = PartialState()
+    finals = {stage: Path(args.stage_output_dir(stage)) / "final" for stage in stages}
+    last = finals[stages[-1]]
+    done = resuming and explicit is None and (last / EVAL_FILE).is_file() and (last / STATE_FILE).is_file()
+    if done:
+        module.load_state_dict(load_file(str(last / STATE_FILE), device=str(args.device)))
+    else:
+        loop_dir = args.stage_output_dir(LOOP_CHECKPOINTS)
+        resume = None
+        if resuming:
+            resume = explicit[1] if explicit and explicit[0] == LOOP_CHECKPOINTS else last_complete_checkpoint(
+                loop_dir, discard_incomplete=process.is_main_process)
+            process.wait_for_everyone()
+        trainer = CCAFLTrainer(
+            module, dataclasses.replace(args, output_dir=loop_dir, push_to_hub=False), dataset["train"],
+            train_collator, eval_collator, stages=stages, diagnostic_pids=info.identity_diagnostic_pids,
+            eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]},
+        )
+        trainer.add_callback(_StageEndWriter(trainer, finals, stages[-1]))
+        trainer.train(resume_from_checkpoint=resume)
+        if process.is_main_process:  # stages without epochs, or without a query/gallery split
+            for stage in stages:
+                if not (finals[stage] / EVAL_FILE).is_file() or (stage == stages[-1] and not (last / STATE_FILE).is_file()):
+                    metrics = trainer.stage_results.get(stage) or (
+                        json.loads((finals["icdl"] / EVAL_FILE).read_text())
+                        if stage == "ical" and "icdl" in finals and (finals["icdl"] / EVAL_FILE).is_file() else previous)
+                    _write_stage_final(finals[stage], metrics, module if stage == stages[-1] else None)
+        process.wait_for_everyone()
+    return {stage: json.loads((finals[stage] / EVAL_FILE).read_text()) for stage in stages}
 
 
 def _checkpoint_is_complete(folder: Path) -> bool:
@@ -360,7 +417,7 @@ def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None
     if not path.is_dir():
         raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     checkpoints = Path(args.output_dir).resolve() / "checkpoints"
-    if path.parent.parent != checkpoints or path.parent.name not in args.stage_list:
+    if path.parent.parent != checkpoints or path.parent.name not in [*args.stage_list, LOOP_CHECKPOINTS]:
         raise RunError(
             f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
             f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"
@@ -390,17 +447,15 @@ def save_artifacts(model, processor, args, model_args, data_args, info, results:
 def push_output_dir(args: CCAFLTrainingArguments) -> str:
     """Upload the output folder (model, custom code, processor, adapter, text features, card — not the
     checkpoints) to the Hub in one commit. Returns the repo id."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     out = Path(args.output_dir)
     repo_id = args.hub_model_id or out.name
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "checkpoints"
-                   and p.name != RUN_FILE)
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in files]
-    api.create_commit(repo_id, operations=operations, commit_message="Upload CCAFL model trained with ccafl-hf")
-    logger.info("pushed %d files to https://huggingface.co/%s", len(operations), repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=out, ignore_patterns=["checkpoints/*", RUN_FILE],
+                      commit_message="Upload CCAFL model trained with ccafl-hf")
+    logger.info("pushed %s to https://huggingface.co/%s", out, repo_id)
     return repo_id
 
 

@@ -10,15 +10,21 @@ pairs — on a synthetic population that is *disjoint* from the ReID data (other
 cameras). Captions are attribute descriptions of each person's true look
 (`ccafl_hf.data.synthetic.describe_look`); no ReID label of the training data is ever used.
 
-The model is built on first use (about three minutes on a CPU core) and cached in
-``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>`` (default cache ``~/.cache/ccafl_hf``)::
+The weights of the default recipe ship with the package (``weights/tiny-pretrained.safetensors``,
+well under 1 MB, made by this module's own recipe), so loading them takes no time::
 
     from ccafl_hf.pretraining import load_tiny_pretrained
     model, processor = load_tiny_pretrained()
+
+Rebuild the shipped file from the recipe with ``python -m ccafl_hf.pretraining`` (about ten
+minutes on one CPU thread; on the same torch build and CPU the result is bit-identical). Any other
+recipe is pre-trained on first use and cached in ``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>``
+(default cache ``~/.cache/ccafl_hf``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -28,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPProcessor, get_cosine_schedule_with_warmup
@@ -44,7 +52,9 @@ logger = logging.getLogger(__name__)
 #: ``--model_name_or_path`` value that selects the cached pre-trained tiny CLIP.
 TINY_PRETRAINED_NAME = "tiny-pretrained"
 PRETRAINING_FILE = "pretraining.json"
-PRETRAINING_VERSION = 1  # bump when the recipe changes, so cached models are rebuilt
+PRETRAINING_VERSION = 2  # bump when the recipe changes, so cached models are rebuilt
+#: The default recipe's weights, shipped with the package (rebuild: ``python -m ccafl_hf.pretraining``).
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / f"{TINY_PRETRAINED_NAME}.safetensors"
 _LOG_EVERY = 50  # steps between progress-bar updates of the loss and accuracy
 
 
@@ -61,6 +71,9 @@ class TinyCLIPPretrainingConfig:
         steps / batch_size: optimisation steps; each batch holds distinct people (no false negatives).
         learning_rate / weight_decay / warmup_steps: AdamW with cosine decay after linear warm-up.
         seed: model initialisation, batch sampling and augmentation.
+        num_threads: CPU threads of the build. Float sums depend on how they are split between threads,
+            so the thread count is part of the recipe: with it fixed, a rebuild on the same torch build
+            and CPU reproduces the weights bit for bit.
     """
 
     population_seed: int = 1
@@ -75,11 +88,12 @@ class TinyCLIPPretrainingConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     seed: int = 0
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}" for name, low in (
             ("num_identities", 2), ("num_cameras", 2), ("images_per_identity_per_camera", 2), ("patch_size", 1),
-            ("max_text_length", 8), ("steps", 0), ("batch_size", 2), ("warmup_steps", 0)) if getattr(self, name) < low]
+            ("max_text_length", 8), ("steps", 0), ("batch_size", 2), ("warmup_steps", 0), ("num_threads", 1)) if getattr(self, name) < low]
         if not self.learning_rate > 0 or self.weight_decay < 0:
             problems.append(f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate}, "
                             f"{self.weight_decay}")
@@ -151,15 +165,31 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
         the captions' words whole. ``summary`` holds the recipe and the final loss / accuracy.
     """
     config = config or TinyCLIPPretrainingConfig()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return _pretrain(config, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_pretrained_architecture(config: TinyCLIPPretrainingConfig) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The recipe's tiny model at initialisation (seed ``config.seed``) and its processor, whose
+    tokenizer keeps the prompt template's and the captions' words whole."""
+    tokenizer = build_tiny_tokenizer((*TINY_VOCAB_WORDS, *CAPTION_WORDS))
+    return create_tiny_model(
+        seed=config.seed, tokenizer=tokenizer, vision_config={"patch_size": config.patch_size},
+        text_config={"max_position_embeddings": config.max_text_length},
+    )
+
+
+def _pretrain(config: TinyCLIPPretrainingConfig, show_progress: bool) -> tuple[CCAFLModel, CLIPProcessor, dict]:
     population = load_reid_dataset("synthetic", None, **config.population_options())["train"]
     identities = torch.tensor(population["diagnostic_pid"])
     people, image_person = torch.unique(identities, return_inverse=True)  # person index of every image
 
-    tokenizer = build_tiny_tokenizer((*TINY_VOCAB_WORDS, *CAPTION_WORDS))
-    model, processor = create_tiny_model(
-        seed=config.seed, tokenizer=tokenizer, vision_config={"patch_size": config.patch_size},
-        text_config={"max_position_embeddings": config.max_text_length},
-    )
+    model, processor = tiny_pretrained_architecture(config)
+    tokenizer = processor.tokenizer
     captions = [identity_caption(config.population_seed, int(pid)) for pid in people]
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     if tokens["input_ids"].shape[1] > config.max_text_length:
@@ -208,13 +238,58 @@ def pretrain_tiny_clip(config: TinyCLIPPretrainingConfig | None = None,
     return model, processor, summary
 
 
+def save_pretrained_weights(model: CCAFLModel, summary: dict, path: str | os.PathLike) -> Path:
+    """Write ``model``'s state dict to a safetensors file whose metadata holds the recipe's
+    ``fingerprint``, the ``summary`` of `pretrain_tiny_clip` and the torch build and CPU capability
+    that made it. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = TinyCLIPPretrainingConfig(**summary["recipe"])
+    metadata = {"fingerprint": config.fingerprint(), "summary": json.dumps(summary, sort_keys=True),
+                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(path), metadata)
+    return path
+
+
+def read_weights_metadata(path: str | os.PathLike = SHIPPED_WEIGHTS) -> dict:
+    """The metadata of a file written by `save_pretrained_weights` (``summary`` decoded)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    if "fingerprint" not in metadata or "summary" not in metadata:
+        raise ValueError(f"{path}: not a tiny-pretrained weights file (no fingerprint/summary metadata)")
+    return {**metadata, "summary": json.loads(metadata["summary"])}
+
+
+def load_pretrained_weights(path: str | os.PathLike = SHIPPED_WEIGHTS) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The model and processor of a file written by `save_pretrained_weights` (eval mode); its recipe
+    is read from the metadata and must fit the weights exactly."""
+    config = TinyCLIPPretrainingConfig(**read_weights_metadata(path)["summary"]["recipe"])
+    model, processor = tiny_pretrained_architecture(config)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval(), processor
+
+
+def rebuild_shipped_weights(path: str | os.PathLike = SHIPPED_WEIGHTS,
+                            config: TinyCLIPPretrainingConfig | None = None, show_progress: bool = True) -> Path:
+    """Pre-train ``config`` (default: the default recipe) and write its weights to ``path`` (default:
+    the file shipped in the package). Returns the path."""
+    model, _, summary = pretrain_tiny_clip(config, show_progress=show_progress)
+    return save_pretrained_weights(model, summary, path)
+
+
 def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
                          root: str | os.PathLike | None = None) -> tuple[CCAFLModel, CLIPProcessor]:
-    """The pre-trained tiny CLIP of ``config``: loaded from ``root`` (default
-    `default_pretrained_root`), or pre-trained and saved there first (under a file lock and with
-    `ccafl_hf.cache.write_folder_atomically`: concurrent processes build it once and never see it half
-    written)."""
+    """The pre-trained tiny CLIP of ``config`` (default: the default recipe).
+
+    The default recipe loads the weights shipped with the package (no build). Any other recipe, or an
+    explicit ``root``, is loaded from ``root`` (default `default_pretrained_root`), or pre-trained and
+    saved there first (under a file lock and with `ccafl_hf.cache.write_folder_atomically`: concurrent
+    processes build it once and never see it half written).
+    """
     config = config or TinyCLIPPretrainingConfig()
+    if root is None and SHIPPED_WEIGHTS.is_file() and \
+            read_weights_metadata(SHIPPED_WEIGHTS)["fingerprint"] == config.fingerprint():
+        return load_pretrained_weights(SHIPPED_WEIGHTS)
     root = Path(root).expanduser() if root is not None else default_pretrained_root(config)
     root.parent.mkdir(parents=True, exist_ok=True)  # for the lock file
     with FileLock(str(root.parent / f".{root.name}.lock")):  # one process builds it, the others wait
@@ -222,8 +297,8 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
             if root.exists() and any(root.iterdir()):
                 raise FileExistsError(f"{root} holds other files (no {PRETRAINING_FILE}); choose another root or "
                                       "delete it")
-            logger.warning("pre-training the tiny CLIP on captioned synthetic people (first use, a few minutes on "
-                           "a CPU; cached in %s)", root)
+            logger.warning("pre-training the tiny CLIP on captioned synthetic people (first use of this recipe, "
+                           "minutes on a CPU; cached in %s)", root)
             model, processor, summary = pretrain_tiny_clip(config)
 
             def write(folder: Path) -> None:
@@ -236,11 +311,34 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
     return model, CLIPProcessor.from_pretrained(root)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ccafl_hf.pretraining [--output PATH]``: rebuild the shipped weights from the recipe."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ccafl_hf.pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pre-train the tiny CLIP with the default recipe and write its weights (a safetensors file).")
+    parser.add_argument("--output", default=str(SHIPPED_WEIGHTS), help="Weights file to write.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = rebuild_shipped_weights(args.output)
+    summary = read_weights_metadata(path)["summary"]
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB; final loss {summary['final_loss']}, batch accuracy "
+          f"{summary['final_batch_accuracy']})")
+
+
 __all__ = [
+    "SHIPPED_WEIGHTS",
     "TINY_PRETRAINED_NAME",
     "TinyCLIPPretrainingConfig",
     "clip_contrastive_loss",
     "default_pretrained_root",
+    "load_pretrained_weights",
     "load_tiny_pretrained",
     "pretrain_tiny_clip",
+    "read_weights_metadata",
+    "rebuild_shipped_weights",
+    "save_pretrained_weights",
+    "tiny_pretrained_architecture",
 ]
+
+if __name__ == "__main__":
+    main()

@@ -78,8 +78,10 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer of a CLIP checkpoint or of a saved CCAFL folder (clear error when missing)."""
+    from .hub_utils import hub_local_files_only
+
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=hub_local_files_only(name_or_path))
     except (OSError, ValueError) as error:
         raise OSError(
             f"Could not load a tokenizer from {str(name_or_path)!r} ({type(error).__name__}). When offline, pass "

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import torch
 from safetensors import safe_open
@@ -37,7 +36,7 @@ from .data import ReIDCollator, build_eval_transform
 from .data.datasets.base import IMAGE_EXTENSIONS
 from .inference import extract_features
 from .modeling_ccafl import CCAFLModel
-from .neighbors import as_float32_numpy, build_flat_index, exact_knn, to_faiss_device
+from .neighbors import as_float32_numpy, build_flat_index, exact_knn, faiss, to_faiss_device
 from .processing import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
@@ -68,6 +67,8 @@ def load_reid_model(
     """
     from transformers import AutoImageProcessor, AutoModel
 
+    from .hub_utils import hub_local_files_only, hub_offline
+
     name = os.fspath(name_or_path)
     local = Path(name)
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -75,11 +76,11 @@ def load_reid_model(
     if local.is_dir() and not (local / "config.json").is_file():
         raise RetrievalError(f"--model {name}: the folder has no config.json; expected a saved CCAFL model folder")
     try:
-        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                          local_files_only=hub_local_files_only(name))
     except (OSError, ValueError) as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         where = "is not a local folder and is not in the local Hub cache" + (
-            " (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else ""
+            " (HF_HUB_OFFLINE is set, so nothing is downloaded)" if hub_offline() else ""
         )
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RetrievalError(

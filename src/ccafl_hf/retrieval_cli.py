@@ -50,8 +50,11 @@ def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_dataset_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--dataset", required=required,
-                        help="market1501, dukemtmc, msmt17, custom or synthetic (any registered reader).")
-    parser.add_argument("--data_dir", default=None, help="Dataset folder (optional for synthetic).")
+                        help="A ccafl_hf.data.available_datasets() reader, e.g. market1501, custom, synthetic "
+                             "or hf (🤗 datasets: see --data_dir).")
+    parser.add_argument("--data_dir", default=None,
+                        help="Dataset folder or file (optional for synthetic); for hf a Hub dataset id, "
+                             "save_to_disk folder or parquet.")
     parser.add_argument("--dataset_options", default="{}", help="JSON dict of reader options.")
 
 
@@ -327,8 +330,12 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_onnx, onnxruntime_available, verify_onnx
+    from .onnx_export import export_onnx, onnxruntime_available, require_onnx, verify_onnx
 
+    try:
+        require_onnx()  # before loading anything
+    except ImportError as error:
+        return _fail(error)
     model, image_processor = _load_model(args)
     path = export_onnx(model, args.output, opset=args.opset, image_processor=image_processor)
     print(f"image tower exported to {path}")

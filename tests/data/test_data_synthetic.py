@@ -122,3 +122,17 @@ def test_camera_bias_is_strong_but_identities_are_learnable(small):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     standardised = _map(x[: len(xq)], x[len(xq):], qp, qc, gp, gc, same_camera=False)
     assert standardised > cross + 0.1, (cross, standardised)
+
+
+#: sha256 of the decoded pixels of `TINY` as PNG (file names in order); pinned so that a change to the
+#: rendering is noticed (and `GENERATOR_VERSION` bumped, so cached copies are regenerated).
+TINY_PIXELS_SHA256 = "ccb7b0b29868afedfda8f7e3022cd121708d4e880964158699d9d267a49c9134"
+
+
+def test_rendering_is_pinned(tmp_path):
+    root = generate_synthetic_reid(tmp_path / "png", **TINY, image_format="png")
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        digest.update(path.name.encode())
+        digest.update(np.asarray(Image.open(path).convert("RGB")).tobytes())
+    assert digest.hexdigest() == TINY_PIXELS_SHA256

@@ -1,5 +1,5 @@
-"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, the embedded
-synthetic dataset), P×K identity sampling, transforms and collation.
+"""ReID data on 🤗 datasets: readers (Market-1501, DukeMTMC-reID, MSMT17, custom cameras, any 🤗 datasets
+dataset, the embedded synthetic dataset), P×K identity sampling, transforms and collation.
 
 Typical use::
 
@@ -14,7 +14,6 @@ The train split's ``diagnostic_pid`` (cross-camera ground truth) is for diagnost
 collator never puts it in a batch.
 """
 
-from . import synthetic  # noqa: F401  (registers the "synthetic" reader)
 from .collate import DIAGNOSTIC_COLUMNS, LABEL_KEYS, ReIDCollator
 from .datasets import (
     ReIDDatasetInfo,
@@ -31,10 +30,12 @@ from .images import find_corrupt_images, load_image
 from .samplers import RandomIdentityBatchSampler, RandomIdentitySampler
 from .synthetic import (
     SyntheticReIDConfig,
+    camera_styles,
     default_synthetic_root,
     describe_look,
     generate_synthetic_reid,
     identity_caption,
+    identity_look,
     render_image,
 )
 from .transforms import build_eval_transform, build_train_transform
@@ -53,12 +54,14 @@ __all__ = [
     "available_datasets",
     "build_eval_transform",
     "build_train_transform",
+    "camera_styles",
     "dataset_summary",
     "default_synthetic_root",
     "describe_look",
     "find_corrupt_images",
     "generate_synthetic_reid",
     "identity_caption",
+    "identity_look",
     "intra_camera_index",
     "load_image",
     "load_reid_dataset",

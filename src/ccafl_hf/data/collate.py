@@ -27,6 +27,10 @@ DIAGNOSTIC_COLUMNS = frozenset({"diagnostic_pid"})
 class ReIDCollator:
     """Decode, transform and stack a list of rows into a batch dict.
 
+    Each row's image is its ``image`` value when the row has one (a `load_image` source: the ``hf``
+    reader keeps the images in Arrow as ``{"bytes", "path"}``), else the file ``image_path``, which
+    also names the image in errors.
+
     Args:
         transform: PIL image → ``[3, H, W]`` tensor (`build_train_transform` / `build_eval_transform`).
         on_corrupt: ``"error"`` raises `ReIDDatasetError` naming an unreadable image; ``"skip"``
@@ -48,10 +52,15 @@ class ReIDCollator:
             raise ValueError("ReIDCollator got an empty batch")
         images, kept = [], []
         for row in rows:
-            if "image_path" not in row:
-                raise ReIDDatasetError(f"row without 'image_path' (columns {sorted(row)}); pass a load_reid_dataset split")
+            source = row.get("image")
+            if source is None:
+                if "image_path" not in row:
+                    raise ReIDDatasetError(
+                        f"row without 'image_path' or 'image' (columns {sorted(row)}); pass a load_reid_dataset split"
+                    )
+                source = row["image_path"]
             try:
-                image = load_image(row["image_path"])
+                image = load_image(source, name=row.get("image_path"))
             except ReIDDatasetError as error:
                 if self.on_corrupt == "error":
                     raise
@@ -60,7 +69,7 @@ class ReIDCollator:
             images.append(self.transform(image))
             kept.append(row)
         if not kept:
-            raise ReIDDatasetError(f"no readable image in a batch of {len(rows)}, e.g. {rows[0]['image_path']}")
+            raise ReIDDatasetError(f"no readable image in a batch of {len(rows)}, e.g. {rows[0].get('image_path')}")
         batch = {"pixel_values": torch.stack(images)}
         for column, key in LABEL_KEYS.items():
             if column in kept[0]:

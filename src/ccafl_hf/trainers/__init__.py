@@ -1,21 +1,33 @@
-"""`Trainer` subclasses of the three CCAFL stages and their arguments."""
+"""`Trainer` subclasses of the three CCAFL stages, their objectives and their arguments.
 
-from .arguments import STAGES, CCAFLTrainingArguments, parse_stages
-from .base import CCAFLStageTrainer
-from .ical import ICALTrainer
-from .icdl import ICDLTrainer
+Stage 1: [`PromptLearningTrainer`]. Stages 2–3: [`CCAFLTrainer`], one loop of ICDL then ICAL epochs
+([`ICDLObjective`], [`ICALObjective`]) over a [`CCAFLForTraining`] module; [`ICDLTrainer`] and
+[`ICALTrainer`] run one of the two stages alone.
+"""
+
+from .arguments import MIXED_PRECISIONS, OPTIMIZERS, STAGES, CCAFLTrainingArguments, parse_stages
+from .base import CCAFLTrainer, FixedLengthSampler, ICALTrainer, ICDLTrainer
+from .objectives import ICALObjective, ICDLObjective, StageObjective, camera_centered, identity_mean_features
 from .prompt_learning import FeatureCache, PromptLearningTrainer
-from .training_module import CCAFLForTraining, LossSwitches
+from .training_module import CCAFLForTraining, set_image_stage_trainable
 
 __all__ = [
+    "MIXED_PRECISIONS",
+    "OPTIMIZERS",
     "STAGES",
     "CCAFLForTraining",
-    "CCAFLStageTrainer",
+    "CCAFLTrainer",
     "CCAFLTrainingArguments",
     "FeatureCache",
+    "FixedLengthSampler",
+    "ICALObjective",
     "ICALTrainer",
+    "ICDLObjective",
     "ICDLTrainer",
-    "LossSwitches",
     "PromptLearningTrainer",
+    "StageObjective",
+    "camera_centered",
+    "identity_mean_features",
     "parse_stages",
+    "set_image_stage_trainable",
 ]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 STAGES = ("prompt", "icdl", "ical")
+OPTIMIZERS = ("adam", "sgd")
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -61,6 +63,26 @@ class CCAFLTrainingArguments(TrainingArguments):
     warmup_factor: float = field(default=0.01, **_help("Warm-up starts at this fraction of the learning rate."))
     lr_decay_epochs: str = field(default="40,50", **_help("Epochs of the stage-2/3 loop where the lr is multiplied by gamma."))
     lr_decay_gamma: float = field(default=0.1, **_help("Step decay factor."))
+    optimizer: str = field(
+        default="adam",
+        **_help("Stages 2–3 optimiser of the image tower: adam (the paper's RN50 recipe) or sgd (momentum "
+                "--sgd_momentum; the ViT-B/16 recipe). L2 weight decay in both; the global-ID classifier always "
+                "has its own Adam."),
+    )
+    sgd_momentum: float = field(default=0.9, **_help("Momentum of --optimizer sgd."))
+    freeze_patch_embedding: bool = field(
+        default=False,
+        **_help("Stages 2–3: keep the ViT patch projection (vision_model.embeddings.patch_embedding) frozen; "
+                "a warning and no effect on a tower without one."),
+    )
+    max_grad_norm: float = field(
+        default=0.0, **_help("Gradient clipping norm of stages 2–3; 0 = no clipping (the reference clips nothing).")
+    )
+    mixed_precision: str = field(
+        default="no",
+        **_help("no, fp16, bf16 or auto (bf16 where the GPU supports it, else fp16 with a loss scaler; fp32 on a "
+                "CPU). --bf16/--fp16 still work. Losses are always computed in fp32."),
+    )
 
     # ------------------------------------------------------------------ augmentation (METHOD.md §6)
     random_erasing_prob: float = field(default=0.5, **_help("Probability of random erasing in the train transform."))
@@ -111,7 +133,17 @@ class CCAFLTrainingArguments(TrainingArguments):
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
+    # ------------------------------------------------------------------ optimiser recipe and precision
+    optimizer: str = field(default="adam", **_help("Stages 2–3 optimiser: adam (the paper's RN50 recipe) or sgd."))
+    sgd_momentum: float = field(default=0.9, **_help("Momentum of --optimizer sgd."))
+    freeze_patch_embedding: bool = field(default=False, **_help("Keep the ViT patch projection frozen in stages 2–3."))
+    max_grad_norm: float = field(default=0.0, **_help("Gradient clipping norm; 0 = no clipping (the reference)."))
+    mixed_precision: str = field(
+        default="no", **_help("no, bf16, fp16 or auto (bf16 where supported, else fp16 on a GPU; fp32 on a CPU).")
+    )
+
     def __post_init__(self):
+        self._resolve_mixed_precision()
         if not _cuda_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             self.use_cpu = True  # bf16 autocast or several processes (gloo) on a CPU: accelerate needs to be told
         if self.dataloader_pin_memory and not _cuda_available():
@@ -136,6 +168,30 @@ class CCAFLTrainingArguments(TrainingArguments):
         if self.adversarial_end_epoch < self.adversarial_start_epoch:
             raise ValueError("adversarial_end_epoch must be >= adversarial_start_epoch")
         self.lr_decay_epoch_list = [int(e) for e in str(self.lr_decay_epochs).split(",") if e.strip()]
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0.0 <= self.sgd_momentum < 1.0:
+            raise ValueError(f"--sgd_momentum must lie in [0, 1), got {self.sgd_momentum}")
+        if self.max_grad_norm is None or self.max_grad_norm < 0:
+            raise ValueError(f"--max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+
+    def _resolve_mixed_precision(self) -> None:
+        """Turn ``mixed_precision`` (no|fp16|bf16|auto) and ``--bf16``/``--fp16`` into one concrete choice."""
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 exclude each other")
+        explicit = "bf16" if self.bf16 else "fp16" if self.fp16 else None
+        if explicit is None and self.mixed_precision == "auto" and _cuda_available():
+            import torch
+
+            explicit = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif explicit is None and self.mixed_precision in ("bf16", "fp16"):
+            explicit = self.mixed_precision
+        elif explicit is not None and self.mixed_precision in ("bf16", "fp16") and self.mixed_precision != explicit:
+            raise ValueError(f"--mixed_precision {self.mixed_precision} contradicts --{explicit}")
+        self.bf16, self.fp16 = explicit == "bf16", explicit == "fp16"
+        self.mixed_precision = explicit or "no"
 
     @property
     def pk_batch_size(self) -> int:
@@ -191,4 +247,4 @@ def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
-__all__ = ["STAGES", "CCAFLTrainingArguments", "parse_stages"]
+__all__ = ["MIXED_PRECISIONS", "OPTIMIZERS", "STAGES", "CCAFLTrainingArguments", "parse_stages"]

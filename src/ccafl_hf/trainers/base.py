@@ -1,21 +1,36 @@
-"""What the stage-2 and stage-3 trainers share: P×K batches, the reference optimiser and schedule,
-per-epoch preparation, memory updates after each step, and per-loss logging."""
+"""`CCAFLTrainer`: stages 2–3 (ICDL epochs, then ICAL epochs) as ONE training loop (METHOD.md §6).
+
+One optimiser, one learning-rate schedule and one grad scaler run through the whole loop; the active
+objective ([`ICDLObjective`] / [`ICALObjective`]) switches at the epoch boundary. The trainer owns its
+setup: which parameters train, the DDP flags, the P×K sampler, the global-ID classifier's own Adam,
+the per-epoch preparation (memory rebuild / association), the memory update after each step, and the
+evaluation at the end of each stage (through `evaluate`, so the metrics reach ``report_to``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from ..data import RandomIdentitySampler
+from ..inference import METRIC_KEYS, evaluate_reid_model
 from .arguments import CCAFLTrainingArguments
-from .training_module import CCAFLForTraining
+from .objectives import ICALObjective, ICDLObjective, StageObjective
+from .training_module import CCAFLForTraining, set_image_stage_trainable
 
 logger = logging.getLogger(__name__)
+
+IMAGE_STAGES = ("icdl", "ical")
+CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
 
 
 class FixedLengthSampler(Sampler[int]):
@@ -45,33 +60,66 @@ class FixedLengthSampler(Sampler[int]):
             repeat += 1
 
 
-class EpochPreparationCallback(TrainerCallback):
-    """Calls ``trainer.prepare_epoch`` at the start of every epoch (memory rebuild / re-association)."""
+class _LoopCallback(TrainerCallback):
+    """Per-epoch preparation at the start of every epoch; evaluation at the end of every stage."""
 
-    def __init__(self, trainer: CCAFLStageTrainer):
+    def __init__(self, trainer: CCAFLTrainer):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._sync_from_main_process(self.trainer.training_module.classifier.parameters())
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._sync_from_main_process(self.trainer.training_module.model.buffers())  # rank 0's BN statistics
+        return control
+
     def on_epoch_begin(self, args, state, control, **kwargs):
-        steps_per_epoch = max(1, state.max_steps // max(1, math.ceil(args.num_train_epochs)))
-        epoch = state.global_step // steps_per_epoch
-        resumed_mid_epoch = state.global_step % steps_per_epoch != 0
-        self.trainer.prepare_epoch(epoch, resumed_mid_epoch=resumed_mid_epoch)
+        steps = self.trainer.steps_per_epoch(state)
+        self.trainer.begin_epoch(state.global_step // steps, resumed_mid_epoch=state.global_step % steps != 0)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        epoch = self.trainer.loop_epoch
+        if epoch == self.trainer.stage_last_epoch(self.trainer.objective.name):
+            control.should_evaluate = True  # the Trainer evaluates, then saves the epoch's checkpoint
         return control
 
 
-class CCAFLStageTrainer(Trainer):
-    """Base `Trainer` of stages 2–3: the model is a [`CCAFLForTraining`] module.
+class LabelledProgressCallback(ProgressCallback):
+    """The Trainer's progress bar with a label, refreshed at every epoch (``label()`` gives it)."""
+
+    def __init__(self, label):
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.label())
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.label())
+
+
+class CCAFLTrainer(Trainer):
+    """Stages 2–3 of CCAFL in one loop: ``stages`` (a contiguous part of ``("icdl", "ical")``) run
+    their epochs back to back with one optimiser, schedule and grad scaler.
 
     Args:
-        model: the training wrapper.
-        args: the stage's arguments (`CCAFLTrainingArguments.stage_arguments`).
+        model: the [`CCAFLForTraining`] module; its image tower is made trainable here
+            (`set_image_stage_trainable`, honouring ``args.freeze_patch_embedding``).
+        args: the run's arguments; the trainer derives the loop's epochs, batch size and DDP flags.
         train_dataset: the train split (rows with ``image_path``, ``camid``, ``intra_id``, ``cam_pid``).
         data_collator: train-time collator (augmentation) producing ``pixel_values``, ``intra_ids``, ``camids``.
-        eval_collator: test-transform collator used to extract features of the train split.
-        epoch_offset: index of this stage's first epoch in the joint stage-2/3 loop (schedule, windows).
+        eval_collator: test-transform collator (feature extraction of the train split and evaluation).
+        stages: the stages of the loop, ``("icdl", "ical")``, ``("icdl",)`` or ``("ical",)``; ICAL-only
+            loops start at loop epoch ``icdl_epochs`` (windows and schedule count in the joint loop).
+        eval_dataset: optional ``{"query": ..., "gallery": ...}``; evaluated at the end of each stage.
+        diagnostic_pids: ``[N]`` ground-truth person of each intra-camera identity, for the association
+            diagnostics only (never seen by the losses).
     """
-
-    stage: str = ""
 
     def __init__(
         self,
@@ -80,20 +128,97 @@ class CCAFLStageTrainer(Trainer):
         train_dataset,
         data_collator,
         eval_collator,
-        epoch_offset: int = 0,
+        stages: tuple[str, ...] | list[str] = IMAGE_STAGES,
+        eval_dataset: dict | None = None,
+        diagnostic_pids: np.ndarray | None = None,
         **kwargs,
     ):
-        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator, **kwargs)
+        stages = tuple(stages)
+        if not stages or stages != tuple(s for s in IMAGE_STAGES if s in stages):
+            raise ValueError(f"stages must be a contiguous, ordered part of {IMAGE_STAGES}, got {stages}")
+        self.stages = stages
+        self.objectives: dict[str, StageObjective] = {
+            "icdl": ICDLObjective(args), "ical": ICALObjective(args, diagnostic_pids=diagnostic_pids)
+        }
+        first = 0 if stages[0] == "icdl" else args.icdl_epochs
+        last = first + sum(args.icdl_epochs if s == "icdl" else args.ical_epochs for s in stages)
+        self.epoch_range = (first, last)
+        loop_args = dataclasses.replace(
+            args,
+            num_train_epochs=last - first,
+            max_steps=-1,
+            per_device_train_batch_size=args.pk_batch_size,
+            dataloader_drop_last=True,
+            remove_unused_columns=False,
+            ddp_find_unused_parameters=True,  # the visual projection idles while no image–text loss is active
+        )
+        self.trainable_parameters = set_image_stage_trainable(model.model, args.freeze_patch_embedding)
+        super().__init__(model=model, args=loop_args, train_dataset=train_dataset, data_collator=data_collator,
+                         eval_dataset=eval_dataset, **kwargs)
         self.eval_collator = eval_collator
-        self.epoch_offset = int(epoch_offset)
-        self.current_epoch = 0
+        self.objective: StageObjective = self.objectives[stages[0]]
+        self.loop_epoch = first
+        self.classifier_optimizer: torch.optim.Optimizer | None = None
+        self.stage_results: dict[str, dict[str, float]] = {}
+        self.association_log: list[dict] = []
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_counts = 0
-        self._pending_update: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.add_callback(EpochPreparationCallback(self))
-        model.stage = self.stage
+        self.add_callback(_LoopCallback(self))
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(LabelledProgressCallback(self.progress_label))
 
-    # --------------------------------------------------------------------------------- data
+    # ------------------------------------------------------------------------------------- loop plan
+    @property
+    def training_module(self) -> CCAFLForTraining:
+        """The [`CCAFLForTraining`] module (unwrapped from DDP)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def progress_label(self) -> str:
+        """``"ICAL epoch 7/15"``: the active stage and the 1-based loop epoch."""
+        return f"{self.objective.name.upper()} epoch {self.loop_epoch + 1}/{self.epoch_range[1]}"
+
+    def stage_of_epoch(self, epoch: int) -> str:
+        """``"icdl"`` or ``"ical"``: the stage loop epoch ``epoch`` belongs to."""
+        return "icdl" if epoch < self.args.icdl_epochs else "ical"
+
+    def stage_last_epoch(self, stage: str) -> int:
+        """Loop epoch at whose end ``stage`` is complete."""
+        return self.args.icdl_epochs - 1 if stage == "icdl" else self.epoch_range[1] - 1
+
+    def steps_per_epoch(self, state) -> int:
+        return max(1, state.max_steps // max(1, math.ceil(self.args.num_train_epochs)))
+
+    def begin_epoch(self, index: int, resumed_mid_epoch: bool) -> None:
+        """Start the ``index``-th epoch of this trainer: pick the objective and, unless resuming inside
+        the epoch, prepare it (memory rebuild / association); log the association once."""
+        self.loop_epoch = self.epoch_range[0] + index
+        self.objective = self.objectives[self.stage_of_epoch(self.loop_epoch)]
+        if resumed_mid_epoch:
+            logger.info("resumed inside epoch %d (%s): keeping the checkpointed memories and pseudo-labels",
+                        self.loop_epoch, self.objective.name)
+            return
+        self._sync_from_main_process(self.training_module.model.buffers())
+        record = self.objective.prepare_epoch(self, self.loop_epoch)
+        if record is not None:
+            self.association_log.append({"epoch": self.loop_epoch, **record})
+            if self.accelerator.is_main_process:
+                self.log({f"assoc_{k}": v for k, v in record.items() if isinstance(v, int | float)})
+
+    @torch.no_grad()
+    def _sync_from_main_process(self, tensors) -> None:
+        """Copy rank 0's values of ``tensors`` to every rank. Used for the classifier, which DDP does not
+        synchronise (it is trained on gathered features by its own optimiser), at the start of training,
+        and for the model buffers (BN-neck running statistics) before features are extracted, so every
+        rank embeds with the same model."""
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import broadcast
+
+        for tensor in tensors:
+            if tensor.is_floating_point():
+                tensor.copy_(broadcast(tensor.detach().clone(), from_process=0))
+
+    # ------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         args: CCAFLTrainingArguments = self.args
@@ -105,25 +230,31 @@ class CCAFLStageTrainer(Trainer):
         total = args.iters_per_epoch * args.pk_batch_size * args.world_size
         return FixedLengthSampler(sampler, total)
 
-    # ----------------------------------------------------------------------- optimiser / schedule
+    # ---------------------------------------------------------------------------- optimiser / schedule
     def create_optimizer(self, model=None):
-        """Adam (L2 weight decay, as the reference): biases at ``bias_lr_factor``× lr, the global-ID
-        classifier in its own group with its own lr and weight decay."""
+        """The image tower's optimiser (Adam or SGD with momentum; L2 weight decay; biases at
+        ``bias_lr_factor`` × lr) and the global-ID classifier's own Adam (constant lr)."""
+        args: CCAFLTrainingArguments = self.args
+        module = self.training_module
         if self.optimizer is None:
-            args: CCAFLTrainingArguments = self.args
-            module: CCAFLForTraining = self.model
             weights, biases = [], []
             for name, param in module.model.named_parameters():
                 if param.requires_grad:
                     (biases if name.endswith("bias") else weights).append(param)
             groups = [
-                {"params": weights, "lr": args.learning_rate, "weight_decay": args.weight_decay, "name": "weights"},
-                {"params": biases, "lr": args.learning_rate * args.bias_lr_factor, "weight_decay": args.weight_decay,
-                 "name": "biases"},
-                {"params": list(module.classifier.parameters()), "lr": args.classifier_learning_rate,
-                 "weight_decay": args.classifier_weight_decay, "name": "classifier"},
+                {"params": weights, "lr": args.learning_rate, "weight_decay": args.weight_decay},
+                {"params": biases, "lr": args.learning_rate * args.bias_lr_factor, "weight_decay": args.weight_decay},
             ]
-            self.optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+            groups = [g for g in groups if g["params"]]
+            if args.optimizer == "sgd":
+                self.optimizer = torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.sgd_momentum)
+            else:
+                self.optimizer = torch.optim.Adam(groups, lr=args.learning_rate)
+        if self.classifier_optimizer is None:
+            self.classifier_optimizer = torch.optim.Adam(
+                module.classifier.parameters(), lr=args.classifier_learning_rate,
+                weight_decay=args.classifier_weight_decay,
+            )
         return self.optimizer
 
     def loop_lr_factor(self, loop_epoch: float) -> float:
@@ -139,43 +270,65 @@ class CCAFLStageTrainer(Trainer):
         if self.lr_scheduler is None:
             optimizer = optimizer if optimizer is not None else self.optimizer
             steps_per_epoch = max(1, num_training_steps // max(1, math.ceil(self.args.num_train_epochs)))
-
-            def image_groups(step: int) -> float:
-                return self.loop_lr_factor(self.epoch_offset + step // steps_per_epoch)
-
-            lambdas = [(lambda step: 1.0) if g.get("name") == "classifier" else image_groups for g in optimizer.param_groups]
-            self.lr_scheduler = LambdaLR(optimizer, lambdas)
+            first = self.epoch_range[0]
+            self.lr_scheduler = LambdaLR(optimizer, lambda step: self.loop_lr_factor(first + step // steps_per_epoch))
         return self.lr_scheduler
 
-    # ------------------------------------------------------------------------------- training
-    @property
-    def loop_epoch(self) -> int:
-        """Index of the current epoch in the joint stage-2/3 loop."""
-        return self.epoch_offset + self.current_epoch
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and self.classifier_optimizer is not None:
+            torch.save(self.classifier_optimizer.state_dict(), os.path.join(output_dir, CLASSIFIER_OPTIMIZER_NAME))
 
-    def prepare_epoch(self, epoch: int, resumed_mid_epoch: bool) -> None:
-        """Per-epoch preparation of the stage (memory rebuild / association). Overridden."""
-        self.current_epoch = epoch
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, CLASSIFIER_OPTIMIZER_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            self.create_optimizer()
+            self.classifier_optimizer.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
 
+    # -------------------------------------------------------------------------------------- training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(pixel_values=inputs["pixel_values"], intra_ids=inputs["intra_ids"], camids=inputs["camids"])
-        self._pending_update = (outputs["reid_features"], inputs["intra_ids"])
-        for name, value in outputs.items():
-            if name not in ("loss", "reid_features"):
-                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value  # no host sync per step
-        self._loss_counts += 1
+        outputs = model(pixel_values=inputs["pixel_values"], intra_ids=inputs["intra_ids"], camids=inputs["camids"],
+                        objective=self.objective, epoch=self.loop_epoch)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._pending_update is not None:
-            features, intra_ids = self._pending_update
-            # every rank updates its memories with the features of all ranks: identical memories
-            features = self.accelerator.gather(features.contiguous())
-            intra_ids = self.accelerator.gather(intra_ids.contiguous())
-            self.accelerator.unwrap_model(model).update_memories(features, intra_ids)
-            self._pending_update = None
-        return loss
+        """Forward + backward of the active objective, then — with the features and labels of every
+        process — the memory update and one step of the global-ID classifier's own Adam."""
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+
+        # every rank updates with the features of all ranks: identical memories and classifiers
+        features = self.accelerator.gather(outputs["reid_features"].contiguous())
+        intra_ids = self.accelerator.gather(inputs["intra_ids"].contiguous())
+        module = self.training_module
+        self.objective.update_memories(module, features, intra_ids)
+        classifier_loss = self.classifier_step(features, intra_ids)
+
+        for name, value in outputs.items():
+            if name not in ("loss", "reid_features"):
+                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value  # no host sync per step
+        self._loss_sums["classifier"] = self._loss_sums.get("classifier", 0.0) + classifier_loss
+        self._loss_counts += 1
+        return loss.detach() / self.current_gradient_accumulation_steps
+
+    def classifier_step(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """One step of the global-ID classifier's own Adam on detached features ``[B, D]`` (fp32, no
+        loss scaling, no clipping). Returns the (detached) loss."""
+        module = self.training_module
+        if self.classifier_optimizer is None:
+            self.create_optimizer()
+        with torch.enable_grad():
+            loss = module.classifier.classification_loss(features.detach().float(), intra_ids)
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self.classifier_optimizer.step()
+        return loss.detach()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._loss_counts and "loss" in logs:
@@ -183,8 +336,47 @@ class CCAFLStageTrainer(Trainer):
                 logs[f"loss_{name}"] = round(float(total) / self._loss_counts, 4)
             self._loss_sums.clear()
             self._loss_counts = 0
-        logs.setdefault("loop_epoch", self.loop_epoch)
         super().log(logs, *args, **kwargs)
 
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Market-1501-protocol metrics (mAP, rank-k, mINP) on ``{"query", "gallery"}``, logged (so they
+        reach ``report_to``) and kept in ``stage_results`` under the active stage."""
+        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not datasets or len(datasets.get("query", ())) == 0 or len(datasets.get("gallery", ())) == 0:
+            logger.warning("no query/gallery split: skipping the evaluation after %s", self.objective.name)
+            return {}
+        args: CCAFLTrainingArguments = self.args
+        self._sync_from_main_process(self.training_module.model.buffers())
+        metrics = evaluate_reid_model(
+            self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
+            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+            mixed_precision=args.mixed_precision, flip=args.eval_flip, rerank=args.eval_rerank,
+            accelerator=self.accelerator, progress=not args.disable_tqdm,
+        )
+        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
+        self.stage_results[self.objective.name] = summary
+        logged = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in summary.items()}
+        self.log(logged)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
+        return logged
 
-__all__ = ["CCAFLStageTrainer", "EpochPreparationCallback", "FixedLengthSampler"]
+
+class ICDLTrainer(CCAFLTrainer):
+    """Stage 2 alone: a [`CCAFLTrainer`] whose loop holds the ICDL epochs only."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("stages", ("icdl",))
+        super().__init__(*args, **kwargs)
+
+
+class ICALTrainer(CCAFLTrainer):
+    """Stage 3 alone: a [`CCAFLTrainer`] whose loop holds the ICAL epochs only (loop epochs
+    ``icdl_epochs`` onwards)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("stages", ("ical",))
+        super().__init__(*args, **kwargs)
+
+
+__all__ = ["CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback"]

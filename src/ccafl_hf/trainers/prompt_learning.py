@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from ..inference import extract_features
 from ..losses import prompt_contrastive_loss
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner
 from .arguments import CCAFLTrainingArguments
+from .base import LabelledProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +37,9 @@ class FeatureCache:
     @classmethod
     def build(cls, model: CCAFLModel, train_dataset, eval_collator, args: CCAFLTrainingArguments, accelerator=None):
         """Run the image tower once over ``train_dataset`` under mixed precision."""
-        mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else None
         extracted = extract_features(
             model, train_dataset, eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=mixed, with_alignment=True,
+            num_workers=args.dataloader_num_workers, mixed_precision=args.mixed_precision, with_alignment=True,
             accelerator=accelerator, desc="Stage 1: caching image features",
         )
         return cls(extracted.alignment_features, extracted.labels["intra_ids"], extracted.labels["camids"])
@@ -83,6 +84,8 @@ class PromptLearningTrainer(Trainer):
             **kwargs,
         )
         self.feature_cache = feature_cache
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(LabelledProgressCallback(lambda: "Prompt learning"))
 
     def create_optimizer(self, model=None):
         """Adam with L2 weight decay on the prompt vectors (the reference optimiser)."""

@@ -2,37 +2,48 @@
 
 Camera memories, the global cluster memory, the global-ID classifier, the stage-1 text features
 and the pseudo-labels are registered modules/buffers, so `state_dict`, Trainer checkpoints and
-resume carry them. The losses are computed inside `forward`, so DDP sees one forward per step.
+resume carry them. The losses of the active objective are computed inside `forward`, so DDP sees
+one forward per step. The memories and the classifier are kept out of DDP's synchronisation: the
+memories are made identical on every rank by updating them with gathered features, and the
+classifier is trained by its own optimiser on gathered (detached) features.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
 import torch
 from torch import nn
 
-from ..losses import (
-    adversarial_identity_loss,
-    batch_hard_triplet_loss,
-    centroid_triplet_loss,
-    inter_camera_image_text_loss,
-    intra_camera_image_text_loss,
-)
 from ..memory import CameraMemory, ClusterMemory, IdentityClassifier
 from ..modeling_ccafl import CCAFLModel
 from .arguments import CCAFLTrainingArguments
+from .objectives import StageObjective
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass
-class LossSwitches:
-    """Which loss families are active in the current step (set per epoch by the trainers)."""
+def set_image_stage_trainable(model: CCAFLModel, freeze_patch_embedding: bool = False) -> list[str]:
+    """Stages 2–3: the image tower, the neck weight and the visual projection train; the text tower is
+    frozen. With ``freeze_patch_embedding`` the ViT patch projection
+    (``vision_model.embeddings.patch_embedding``) stays frozen too; a tower without one gets a warning.
 
-    memory: bool = True
-    image_text: bool = True
-    triplet: bool = True
-    adversarial: bool = False
-    classifier: bool = True
+    Returns:
+        names of the trainable parameters.
+    """
+    model.requires_grad_(False)
+    model.vision_model.requires_grad_(True)
+    model.visual_projection.requires_grad_(True)
+    if isinstance(model.neck, nn.BatchNorm1d):
+        model.neck.weight.requires_grad_(True)
+    if freeze_patch_embedding:
+        patch = getattr(getattr(model.vision_model, "embeddings", None), "patch_embedding", None)
+        if isinstance(patch, nn.Module):
+            patch.requires_grad_(False)
+        else:
+            logger.warning("--freeze_patch_embedding: the image tower %s has no patch projection; nothing frozen",
+                           type(model.vision_model).__name__)
+    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 class CCAFLForTraining(nn.Module):
@@ -42,7 +53,7 @@ class CCAFLForTraining(nn.Module):
         model: the `CCAFLModel` being trained (image tower + neck train; text tower frozen).
         identity_camids: ``[N]`` camera of every intra-camera identity.
         text_features: ``[N, P]`` stage-1 text feature of every identity (None disables image–text losses).
-        args: hyper-parameters (temperatures, margins, memory sizes, …).
+        args: hyper-parameters (memory sizes, temperatures, classifier scale).
     """
 
     def __init__(
@@ -54,7 +65,6 @@ class CCAFLForTraining(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.args = args
         num_identities = int(identity_camids.numel())
         dim = model.reid_feature_dim
         self.register_buffer("identity_camids", identity_camids.long().clone())
@@ -70,77 +80,36 @@ class CCAFLForTraining(nn.Module):
         )
         self.cluster_memory = ClusterMemory(dim, momentum=args.memory_momentum, temperature=args.memory_temperature)
         self.classifier = IdentityClassifier(num_identities, dim, scale=args.classifier_scale)
-        self.stage = "icdl"
-        self.switches = LossSwitches()
+        # DDP neither broadcasts these buffers nor reduces the classifier's gradients (see the module docstring)
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in [*self.named_buffers(), *self.classifier.named_parameters(prefix="classifier")]
+            if not name.startswith("model.")
+        ]
 
     def forward(
-        self, pixel_values: torch.Tensor, intra_ids: torch.Tensor, camids: torch.Tensor, **unused
+        self,
+        pixel_values: torch.Tensor,
+        intra_ids: torch.Tensor,
+        camids: torch.Tensor,
+        objective: StageObjective,
+        epoch: int,
+        **unused,
     ) -> dict[str, torch.Tensor]:
-        """Losses of one batch of the current stage.
+        """Losses of one batch under ``objective`` at loop epoch ``epoch``.
 
         Args:
             pixel_values: ``[B, 3, H, W]``; intra_ids: ``[B]`` intra-camera identity; camids: ``[B]``.
         Returns:
             dict with ``loss`` (the total to back-propagate), each component (detached), and
-            ``reid_features`` ``[B, D]`` (detached, for the memory update after the step).
+            ``reid_features`` ``[B, D]`` (detached: the memory update and the classifier step use them).
         """
-        args = self.args
         out = self.model.get_reid_outputs(pixel_values)
-        feats = out.reid_features
-        losses: dict[str, torch.Tensor] = {}
-        on = self.switches
-
-        if self.stage == "icdl":
-            if on.memory:
-                losses["memory"] = self.camera_memory.loss(feats, intra_ids, centroid_weight=args.memory_lambda)
-            if on.image_text and self.has_text_features:
-                losses["image_text"] = intra_camera_image_text_loss(
-                    out.alignment_features, self.text_features, intra_ids, self.identity_camids,
-                    label_smoothing=args.label_smoothing,
-                )
-            if on.triplet:
-                losses["triplet"] = batch_hard_triplet_loss(
-                    feats, intra_ids, margin=args.triplet_margin, groups=camids
-                ) + centroid_triplet_loss(
-                    feats, intra_ids, self.camera_memory.centroids, self.identity_camids, margin=args.triplet_margin
-                )
-        else:  # ical: only identities with an accepted cross-camera match take part
-            labels = self.pseudo_labels[intra_ids]
-            if on.memory and self.cluster_memory.num_clusters > 0:
-                losses["memory"] = self.cluster_memory.loss(feats, labels)
-            if on.image_text and self.cluster_text_features.shape[0] > 0:
-                losses["image_text"] = inter_camera_image_text_loss(
-                    out.alignment_features, self.cluster_text_features, labels, label_smoothing=args.label_smoothing
-                )
-            if on.triplet:
-                losses["triplet"] = batch_hard_triplet_loss(feats, labels, margin=args.triplet_margin)
-            if on.adversarial:
-                associated = labels >= 0
-                cosines = self.classifier.cosines(feats, detach_weight=True)
-                losses["adversarial"] = adversarial_identity_loss(
-                    cosines[associated], intra_ids[associated], self.identity_camids, self.pseudo_labels,
-                    margin=args.adversarial_margin, scale=args.classifier_scale,
-                    same_camera_tau=args.adversarial_tau, epsilon=args.adversarial_epsilon,
-                ) if associated.any() else feats.sum() * 0.0
-        # the global-ID classifier trains every iteration of stages 2 and 3, on detached features
-        if on.classifier:
-            losses["classifier"] = self.classifier.classification_loss(feats.detach(), intra_ids)
-
-        total = sum(losses.values())
+        losses = objective.losses(self, out, intra_ids, camids, epoch)
+        total = sum(losses.values()) if losses else out.reid_features.sum() * 0.0
         result = {name: value.detach() for name, value in losses.items()}
         result["loss"] = total
-        result["reid_features"] = feats.detach()
+        result["reid_features"] = out.reid_features.detach()
         return result
-
-    @torch.no_grad()
-    def update_memories(self, features: torch.Tensor, intra_ids: torch.Tensor) -> None:
-        """Memory update after an optimiser step, with features gathered from every process."""
-        if self.stage == "icdl":
-            self.camera_memory.update(features, intra_ids)
-        else:
-            labels = self.pseudo_labels[intra_ids]
-            if self.cluster_memory.num_clusters > 0:
-                self.cluster_memory.update(features, labels)
 
     @torch.no_grad()
     def set_pseudo_labels(self, pseudo_labels: torch.Tensor, identity_features: torch.Tensor) -> None:
@@ -168,4 +137,4 @@ class CCAFLForTraining(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
-__all__ = ["CCAFLForTraining", "LossSwitches"]
+__all__ = ["CCAFLForTraining", "set_image_stage_trainable"]

@@ -1,12 +1,15 @@
 """ReID dataset readers and `load_reid_dataset`, the one entry point.
 
-Each reader module registers itself by name; the synthetic dataset registers in
-`ccafl_hf.data.synthetic`. Column contract of the returned `datasets.DatasetDict`:
+Each reader module registers itself by name (the synthetic dataset's generator lives in
+`ccafl_hf.data.synthetic`). Column contract of the returned `datasets.DatasetDict`:
 
 * ``train``: ``image_path`` (str), ``camid`` (0-based), ``cam_pid`` (identity within the camera,
   0-based contiguous per camera), ``intra_id`` (intra-camera identity index 0..N-1, cameras end to
   end), ``diagnostic_pid`` (cross-camera ground truth or -1; **diagnostics only**, never training);
 * ``query`` / ``gallery``: ``image_path``, ``pid`` (global identity; 0 = distractor), ``camid``.
+
+A source that keeps its images in Arrow (``hf``) adds an ``image`` column (``Image(decode=False)``)
+to every split; ``image_path`` then names each image and the collator decodes ``image``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from ..images import check_on_corrupt, find_corrupt_images
-from . import custom, dukemtmc, market1501, msmt17  # noqa: F401  (registration)
+from . import custom, dukemtmc, hf, market1501, msmt17, synthetic  # noqa: F401  (registration)
 from .base import (
     SPLITS,
     ReIDDatasetError,
@@ -58,20 +61,22 @@ def load_reid_dataset(
 ) -> DatasetDict:
     """Load a ReID dataset as a `DatasetDict` with ``train``, ``query`` and ``gallery`` splits.
 
-    Images stay on disk: ``image_path`` is decoded by `ReIDCollator`. Files are listed in sorted
-    order (manifests keep their row order), so row indices are reproducible.
+    Images stay where they are: files named by ``image_path``, or the Arrow ``image`` column of an
+    ``hf`` source; `ReIDCollator` decodes them. Files are listed in sorted order (manifests and
+    🤗 datasets keep their row order), so row indices are reproducible.
 
     Args:
         name: one of `available_datasets()`: ``market1501``, ``dukemtmc``, ``msmt17``, ``custom``,
-            ``synthetic`` (case, ``-`` and ``_`` ignored).
+            ``synthetic``, ``hf`` (case, ``-`` and ``_`` ignored).
         data_dir: the release folder (e.g. ``Market-1501-v15.09.15/``) or its parent; for ``custom``
-            a manifest file or a folder; for ``synthetic`` where to generate it (default: a cache dir).
+            a manifest file or a folder; for ``synthetic`` where to generate it (default: a cache dir);
+            for ``hf`` a Hub dataset id, a ``save_to_disk`` folder, a parquet file or a folder of them.
         on_corrupt: with ``verify_images``, ``"error"`` raises on the first unreadable image,
             ``"skip"`` drops unreadable images with a warning.
         verify_images: decode every image now (one pass over the data). Otherwise images are
             checked lazily when the collator decodes them.
         **options: reader options (``include_val`` for msmt17, ``manifest`` for custom, the
-            generator's options for synthetic; see each reader).
+            generator's options for synthetic, column and split names for hf; see each reader).
     Raises:
         ReIDDatasetError: unknown dataset or option, missing folder, badly named file, malformed
             manifest, empty split, single-camera train split, corrupt image (``on_corrupt="error"``).
@@ -88,7 +93,7 @@ def load_reid_dataset(
 def _verify_source(source: ReIDSource, on_corrupt: str) -> ReIDSource:
     for split in SPLITS:
         records: SplitRecords = getattr(source, split)
-        corrupt = find_corrupt_images(records.paths)
+        corrupt = find_corrupt_images(records.image_sources())
         if not corrupt.any():
             continue
         bad = [p for p, c in zip(records.paths, corrupt.tolist()) if c]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, DatasetInfo, Features, Value
+from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, Value, concatenate_datasets
 
 from ..errors import ReIDDatasetError
 
@@ -36,6 +36,9 @@ TRAIN_FEATURES = Features(
     }
 )
 TEST_FEATURES = Features({"image_path": Value("string"), "pid": Value("int64"), "camid": Value("int64")})
+#: the column of a split whose images are kept in Arrow (``{"bytes", "path"}`` values, decoded by the collator)
+IMAGE_COLUMN = "image"
+IMAGE_FEATURE = Image(decode=False)
 
 
 @dataclass
@@ -50,12 +53,16 @@ class SplitRecords:
         camids: ``[M]`` int64, 0-based camera index.
         diagnostic_pids: train only, ``[M]`` ground-truth global person id or ``-1`` where unknown;
             ``None`` when the source has no cross-camera ground truth.
+        images: ``None`` when the images are the files ``paths``; otherwise a `datasets.Dataset` of
+            ``M`` rows whose ``image`` column (``Image(decode=False)``) holds them, and ``paths``
+            only name them.
     """
 
     paths: list[str]
     labels: np.ndarray
     camids: np.ndarray
     diagnostic_pids: np.ndarray | None = None
+    images: Dataset | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -65,6 +72,10 @@ class SplitRecords:
         sizes = {len(self.paths), self.labels.size, self.camids.size}
         if self.diagnostic_pids is not None:
             sizes.add(self.diagnostic_pids.size)
+        if self.images is not None:
+            if self.images.column_names != [IMAGE_COLUMN]:
+                raise ValueError(f"SplitRecords.images must have the one column {IMAGE_COLUMN!r}, got {self.images.column_names}")
+            sizes.add(len(self.images))
         if len(sizes) != 1:
             raise ValueError(f"SplitRecords arrays differ in length: {sorted(sizes)}")
 
@@ -75,9 +86,16 @@ class SplitRecords:
         """The records where the boolean mask ``keep`` ``[M]`` is true."""
         keep = np.asarray(keep, dtype=bool)
         diagnostic = None if self.diagnostic_pids is None else self.diagnostic_pids[keep]
+        images = self.images
+        if images is not None and not keep.all():
+            images = images.select(np.flatnonzero(keep))
         return SplitRecords(
-            [p for p, k in zip(self.paths, keep.tolist()) if k], self.labels[keep], self.camids[keep], diagnostic
+            [p for p, k in zip(self.paths, keep.tolist()) if k], self.labels[keep], self.camids[keep], diagnostic, images
         )
+
+    def image_sources(self) -> Sequence:
+        """The ``M`` images as `load_image` sources: the ``image`` values, else the paths."""
+        return self.paths if self.images is None else self.images[IMAGE_COLUMN]
 
 
 @dataclass
@@ -330,14 +348,15 @@ def build_dataset_dict(source: ReIDSource) -> DatasetDict:
         "train": _make_dataset(
             {"image_path": train.paths, "camid": train.camids, "cam_pid": cam_pid, "intra_id": intra_id,
              "diagnostic_pid": diagnostic},
-            TRAIN_FEATURES, name, "train",
+            TRAIN_FEATURES, name, "train", train.images,
         ),
         "query": _make_dataset(
-            {"image_path": query.paths, "pid": query.labels, "camid": query.camids}, TEST_FEATURES, name, "query"
+            {"image_path": query.paths, "pid": query.labels, "camid": query.camids}, TEST_FEATURES, name, "query",
+            query.images,
         ),
         "gallery": _make_dataset(
             {"image_path": gallery.paths, "pid": gallery.labels, "camid": gallery.camids}, TEST_FEATURES, name,
-            "gallery",
+            "gallery", gallery.images,
         ),
     }
     logger.info(
@@ -354,8 +373,15 @@ _DESCRIPTIONS = {
     "query": "Query images: pid (global identity, 0 = distractor) and camid.",
     "gallery": "Gallery images: pid (global identity, 0 = distractor; junk -1 removed) and camid.",
 }
+_IMAGE_DESCRIPTION = " The images are in the image column; image_path names them."
 
 
-def _make_dataset(columns: dict, features: Features, name: str, split: str) -> Dataset:
+def _make_dataset(columns: dict, features: Features, name: str, split: str, images: Dataset | None) -> Dataset:
     info = DatasetInfo(description=_DESCRIPTIONS[split], dataset_name=name, features=features)
-    return Dataset.from_dict(columns, features=features, info=info, split=split)
+    labels = Dataset.from_dict(columns, features=features, info=info, split=split)
+    if images is None:
+        return labels
+    features = Features({**features, IMAGE_COLUMN: IMAGE_FEATURE})
+    info = DatasetInfo(description=_DESCRIPTIONS[split] + _IMAGE_DESCRIPTION, dataset_name=name, features=features)
+    return concatenate_datasets([labels, images.cast(Features({IMAGE_COLUMN: IMAGE_FEATURE}))], info=info,
+                                split=split, axis=1)
