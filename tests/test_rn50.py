@@ -131,6 +131,7 @@ def test_rn50_round_trip_auto_model(tmp_path):
             torch.testing.assert_close(getattr(reloaded.get_reid_outputs(pixels), name),
                                        getattr(model.get_reid_outputs(pixels), name), rtol=0, atol=0)
     assert reloaded.vision_model.gem.p.item() == 2.5
+    assert not reloaded.neck.bias.requires_grad and "neck.bias" not in dict(reloaded.named_parameters())
 
 
 def test_gem_pooling_matches_the_formula():
@@ -183,6 +184,16 @@ def test_other_architecture_gives_one_line(tmp_path, name, found):
         CCAFLModel.from_clip(folder)
     message = str(info.value)
     assert "\n" not in message and "expected an open_clip RN50" in message and found in message
+
+
+def test_train_script_names_the_architecture_in_one_line(tmp_path, capsys):
+    from ccafl_hf.cli import train_main
+
+    folder = _fake_open_clip_folder(tmp_path / "rn101", open_clip.get_model_config("RN101"))
+    assert train_main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
+                       "--dataset_options", '{"num_train_identities": 4, "num_test_identities": 2}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected an open_clip RN50" in err[0] and "found RN101" in err[0]
 
 
 def test_pickled_checkpoints_are_refused(tmp_path, monkeypatch):

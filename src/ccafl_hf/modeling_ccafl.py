@@ -139,7 +139,11 @@ class CCAFLModel(CLIPModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.neck = nn.BatchNorm1d(self.vision_embed_dim) if config.neck == "bnneck" else nn.Identity()
         if isinstance(self.neck, nn.BatchNorm1d):
-            self.neck.bias.requires_grad_(False)  # BNNeck: the shift is not learnt
+            # BNNeck: the shift is not learnt. A buffer (same state-dict key), not a parameter, so it stays
+            # frozen through save/load and is never handed to an optimiser.
+            bias = self.neck.bias.detach()
+            del self.neck.bias
+            self.neck.register_buffer("bias", bias)
         self.post_init()
 
     @torch.no_grad()

@@ -125,7 +125,10 @@ def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, 
         if size and tuple(model.config.image_size) != size:
             raise RunError(f"{name} runs at {model.config.image_size}; --image_size {size} would need a new conversion")
     else:
-        model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
+        try:
+            model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
+        except ValueError as error:  # a pickled checkpoint, another architecture, an image size that does not fit
+            raise RunError(f"--model_name_or_path {name}: {error}") from None
     tokenizer = load_tokenizer(model_args.tokenizer_name or name)
     return model, build_reid_processor(model.config, tokenizer)
 
