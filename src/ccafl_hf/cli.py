@@ -48,6 +48,7 @@ def parse_train_args(argv: list[str] | None = None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
+    parser.error = _raise_usage_error  # a bad flag or value: one line (train_main), not argparse's usage block
     preset_name = _peek_option(argv, "preset", "demo")
     preset = load_preset(preset_name)
     known = {action.dest for action in parser._actions}
@@ -56,6 +57,10 @@ def parse_train_args(argv: list[str] | None = None):
         raise PresetError(f"preset {preset_name!r} sets unknown argument(s): {', '.join(unknown)}")
     parser.set_defaults(**preset)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _raise_usage_error(message: str):
+    raise ValueError(message)
 
 
 def _format_table(results: dict[str, Any]) -> str:
@@ -76,6 +81,7 @@ def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
     from .data import ReIDDatasetError
     from .pipeline import RunError, run_training
+    from .run_directory import RunDirectoryError, describe_write_error
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -85,10 +91,18 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = run_training(model_args, data_args, training_args)
-    except (RunError, ReIDDatasetError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+    except (RunError, RunDirectoryError, ReIDDatasetError, OSError, RuntimeError) as error:
+        # a RuntimeError is reported here only when it is a failed write (torch.save on a full disk)
+        line = describe_write_error(error, training_args.output_dir)
+        if line is None and isinstance(error, RuntimeError):
+            raise
+        print(f"error: {_one_line(line or error)}", file=sys.stderr)
         return 2
-    if training_args.process_index == 0:
+    if training_args.process_index == 0 and results.get("already_finished"):
+        print(f"\nnothing trained: this run already finished in {training_args.output_dir} with the same settings "
+              f"(final mAP {100 * results.get('mAP', 0.0):.1f}%, all stages in eval_results.json); pass "
+              "--overwrite_output_dir to train it again")
+    elif training_args.process_index == 0:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")
         print(_format_table(results))
         print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")

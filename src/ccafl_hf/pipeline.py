@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,14 @@ from .modeling_ccafl import CCAFLModel
 from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
+from .run_directory import (
+    RUN_FILE,
+    RunDirectory,
+    dataset_identity,
+    kill_point,
+    run_settings,
+    write_atomically,
+)
 from .tiny import create_tiny_model
 from .trainers.arguments import CCAFLTrainingArguments
 from .trainers.ical import ICALTrainer
@@ -41,7 +51,6 @@ from .trainers.training_module import CCAFLForTraining
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "ccafl_run.json"
 EVAL_FILE = "eval_results.json"
 TEXT_FEATURES_FILE = "text_features.safetensors"
 ADAPTER_DIR = "prompt_adapter"
@@ -69,6 +78,11 @@ class ModelArguments:
                           "'{\"vision_config\": {\"patch_size\": 4}}' (the demo preset's finer patch grid)."},
     )
 
+    def __post_init__(self):
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise RunError(f"--image_size takes HEIGHT WIDTH (two integers >= 1), got {self.image_size}")
+        _json_object(self.config_overrides, "--config_overrides")
+
 
 @dataclass
 class DataArguments:
@@ -82,6 +96,12 @@ class DataArguments:
         default="{}", metadata={"help": "JSON dict of reader options, e.g. '{\"num_identities\": 40}' for synthetic."}
     )
     preset: str = field(default="demo", metadata={"help": "Packaged hyper-parameter preset (ccafl_hf/presets/*.json)."})
+
+    def __post_init__(self):
+        from .data.datasets.base import get_reader
+
+        get_reader(self.dataset)  # an unknown name: one line listing the known ones
+        _json_object(self.dataset_options, "--dataset_options")
 
 
 class RunError(ValueError):
@@ -123,15 +143,22 @@ def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, 
 
 
 def _config_overrides(value: str | dict | None) -> dict[str, Any]:
+    return _json_object(value, "--config_overrides")
+
+
+def _json_object(value: str | dict | None, flag: str) -> dict[str, Any]:
+    """``value`` (JSON text or a dict) as a dict; anything else is a `RunError` naming ``flag``."""
     if not value:
         return {}
+    if isinstance(value, dict):
+        return dict(value)
     try:
-        overrides = json.loads(value) if isinstance(value, str) else dict(value)
-    except json.JSONDecodeError as error:
-        raise RunError(f"--config_overrides must be a JSON object: {error}") from None
-    if not isinstance(overrides, dict):
-        raise RunError(f"--config_overrides must be a JSON object, got {value!r}")
-    return overrides
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise RunError(f"{flag} must be a JSON object, e.g. '{{\"key\": 1}}': {error}") from None
+    if not isinstance(parsed, dict):
+        raise RunError(f"{flag} must be a JSON object, e.g. '{{\"key\": 1}}', got {value!r}")
+    return parsed
 
 
 def _set_trainable_for_image_stages(model: CCAFLModel) -> None:
@@ -144,32 +171,21 @@ def _set_trainable_for_image_stages(model: CCAFLModel) -> None:
 
 
 # ----------------------------------------------------------------------------------- output folder
-def _run_fingerprint(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    keys = ("stages", "seed", "prompt_epochs", "icdl_epochs", "ical_epochs", "iters_per_epoch",
-            "num_identities_per_batch", "num_instances", "learning_rate")
-    return {"model": asdict(model_args), "data": asdict(data_args), "training": {k: getattr(args, k) for k in keys}}
+def _load_dataset(data_args: DataArguments):
+    options = _json_object(data_args.dataset_options, "--dataset_options")
+    dataset = load_reid_dataset(data_args.dataset, data_args.data_dir, **options)
+    info = dataset_summary(dataset)
+    if info.num_cameras < 2:
+        raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
+    return dataset, info
 
 
-def prepare_output_dir(model_args, data_args, args: CCAFLTrainingArguments) -> bool:
-    """Check the output folder; return True when a previous run of the same settings is resumed.
-
-    Refuses (RunError) a folder that holds another run's checkpoints unless ``--overwrite_output_dir``.
-    """
-    out = Path(args.output_dir)
-    run_file = out / RUN_FILE
-    fingerprint = _run_fingerprint(model_args, data_args, args)
-    has_run = run_file.is_file() or (out / "checkpoints").is_dir()
-    if has_run and args.overwrite_output_dir:
-        return False
-    if not has_run:
-        return False
-    previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-    if previous == json.loads(json.dumps(fingerprint)) or args.resume_from_checkpoint:
-        return True
-    raise RunError(
-        f"--output_dir {out} holds another run's checkpoints (different settings); pass --overwrite_output_dir "
-        "to replace it, --resume_from_checkpoint to continue it, or choose another --output_dir"
-    )
+def _resume_message(stage: str, checkpoint: str, out: Path) -> str:
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    where = Path(checkpoint).resolve()
+    if where.is_relative_to(out.resolve()):
+        where = where.relative_to(out.resolve())
+    return f"resuming {stage.upper()} at epoch {state.get('epoch', 0):g} (step {state.get('global_step', 0)}) from {where}"
 
 
 # --------------------------------------------------------------------------------------- training
@@ -192,29 +208,37 @@ def run_training(
 
 
 def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    device = args.device  # sets up the (distributed) state of this process
+    _ = args.device  # sets up the (distributed) state of this process
     process = PartialState()
-    resuming = prepare_output_dir(model_args, data_args, args)
-    explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
     out = Path(args.output_dir)
-    if process.is_main_process:
-        if args.overwrite_output_dir and (out / "checkpoints").exists():
-            shutil.rmtree(out / "checkpoints")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(_run_fingerprint(model_args, data_args, args), indent=2))
-    process.wait_for_everyone()
-    set_seed(args.seed)
+    run_dir = RunDirectory(out, is_main_process=process.is_main_process)
+    with run_dir.lock():  # a second run into the folder fails here, at once
+        explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
+        # data and model before the folder is touched: a run that fails on them leaves it as it found it
+        dataset, info = _load_dataset(data_args)
+        model, processor = build_model(model_args, seed=args.seed)  # tiny-pretrained: built once, under a file lock
+        run_dir.set_settings(run_settings(model_args, data_args, args, dataset_identity(dataset)))
+        plan = run_dir.plan(overwrite=args.overwrite_output_dir)
+        process.wait_for_everyone()
+        if plan.action == "finished":
+            results = run_dir.result("final")
+            logger.info("every stage of this run already finished in %s with the same settings: nothing to train "
+                        "(results: %s)", out, out / EVAL_FILE)
+            if process.is_main_process and args.push_to_hub:
+                push_output_dir(args)
+            return {**results, "already_finished": True}
+        run_dir.start()
+        process.wait_for_everyone()
+        return _train_stages(run_dir, plan.action == "resume", explicit, model, processor, dataset, info,
+                             model_args, data_args, args)
 
-    try:
-        options = json.loads(data_args.dataset_options or "{}")
-    except json.JSONDecodeError as error:
-        raise RunError(f"--dataset_options must be a JSON object: {error}") from None
-    dataset = load_reid_dataset(data_args.dataset, data_args.data_dir, **options)
-    info = dataset_summary(dataset)
-    if info.num_cameras < 2:
-        raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
 
-    model, processor = build_model(model_args, seed=args.seed)  # tiny-pretrained: built once, under a file lock
+def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, str] | None, model: CCAFLModel,
+                  processor: CLIPProcessor, dataset, info, model_args: ModelArguments, data_args: DataArguments,
+                  args: CCAFLTrainingArguments) -> dict[str, Any]:
+    device = args.device
+    process = PartialState()
+    out = run_dir.path
     model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
@@ -238,14 +262,12 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
         return summary
 
     stage_results: dict[str, dict] = {}
-    untrained_file = out / "checkpoints" / "untrained_eval.json"
-    if resuming and untrained_file.is_file():
-        stage_results["untrained"] = json.loads(untrained_file.read_text())
+    stored = run_dir.result("untrained") if resuming else None
+    if stored is not None:
+        stage_results["untrained"] = stored
     else:
         stage_results["untrained"] = evaluate("untrained")
-        if process.is_main_process:
-            untrained_file.parent.mkdir(parents=True, exist_ok=True)
-            untrained_file.write_text(json.dumps(stage_results["untrained"]))
+        run_dir.save_result("untrained", stage_results["untrained"])
 
     identity_camids = torch.as_tensor(info.identity_camids, dtype=torch.long)
     tokenizer = processor.tokenizer
@@ -253,13 +275,21 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
     module: CCAFLForTraining | None = None
 
     for stage in args.stage_list:
+        # every stage starts from the same random state whether or not the previous ones ran in this process:
+        # a run resumed at a stage boundary continues bit for bit
+        set_seed(args.seed)
         stage_args = args.stage_arguments(stage)
         final_dir = Path(stage_args.output_dir) / "final"
-        done = resuming and (final_dir / EVAL_FILE).is_file() and (explicit is None or explicit[0] != stage)
+        stored = run_dir.result(stage) if resuming and (explicit is None or explicit[0] != stage) else None
+        done = stored is not None
         resume = None
-        if resuming and not done:
+        if done:
+            logger.info("%s already finished with these settings: reusing its results", stage.upper())
+        elif resuming:
             resume = explicit[1] if explicit and explicit[0] == stage else last_complete_checkpoint(
                 stage_args.output_dir, discard_incomplete=process.is_main_process)
+            if resume is not None:
+                logger.info(_resume_message(stage, resume, out))
             process.wait_for_everyone()
         if stage == "prompt":
             model.requires_grad_(False)
@@ -275,7 +305,9 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
             text_features = learner.all_text_features().to(device)
             if process.is_main_process and not done:
                 learner.save_pretrained(final_dir / ADAPTER_DIR)
-                save_text_features(text_features, identity_camids, final_dir / TEXT_FEATURES_FILE)
+                features = text_features
+                write_atomically(final_dir / TEXT_FEATURES_FILE,
+                                 lambda path, f=features: save_text_features(f, identity_camids, path))
         else:
             if text_features is None and (Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE).is_file():
                 text_features, _ = load_text_features(Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE)
@@ -294,24 +326,23 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
                 )
                 trainer.train(resume_from_checkpoint=resume)
                 if process.is_main_process:
-                    final_dir.mkdir(parents=True, exist_ok=True)
                     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-                    save_file(tensors, str(final_dir / STATE_FILE))
+                    write_atomically(final_dir / STATE_FILE, lambda path, t=tensors: save_file(t, str(path)))
         if done:
-            stage_results[stage] = json.loads((final_dir / EVAL_FILE).read_text())
+            stage_results[stage] = stored
         else:
             # stage 1 trains only the prompts (its trainer asserts the model is frozen): the image tower,
             # hence the retrieval metrics, are those of the untrained model, so they are not recomputed
             stage_results[stage] = dict(stage_results["untrained"]) if stage == "prompt" else evaluate(stage)
-            if process.is_main_process:
-                final_dir.mkdir(parents=True, exist_ok=True)
-                (final_dir / EVAL_FILE).write_text(json.dumps(stage_results[stage]))
+            run_dir.save_result(stage, stage_results[stage])  # written last: the stage's "finished" marker
         process.wait_for_everyone()
+        kill_point(f"after-{stage}")
 
     last = args.stage_list[-1] if args.stage_list else "untrained"
     results = {**stage_results[last], "stages": stage_results}
     if process.is_main_process:
         save_artifacts(model, processor, args, model_args, data_args, info, results)
+        run_dir.finish()
         if args.push_to_hub:
             push_output_dir(args)
     process.wait_for_everyone()
@@ -369,18 +400,41 @@ def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None
 
 # -------------------------------------------------------------------------------------- artifacts
 def save_artifacts(model, processor, args, model_args, data_args, info, results: dict) -> None:
-    """Write the loadable model (+ custom code), processor, adapter, text features, results and card."""
-    out = Path(args.output_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    prompt_final = Path(args.stage_output_dir("prompt")) / "final"
-    if (prompt_final / ADAPTER_DIR).is_dir():
-        shutil.copytree(prompt_final / ADAPTER_DIR, out / ADAPTER_DIR, dirs_exist_ok=True)
-        shutil.copy2(prompt_final / TEXT_FEATURES_FILE, out / TEXT_FEATURES_FILE)
-    (out / EVAL_FILE).write_text(json.dumps(results, indent=2))
+    """Write the loadable model (+ custom code), processor, adapter, text features, results and card.
+
+    Everything is written into a temporary folder inside the output folder first, then each file is
+    renamed into place, ``eval_results.json`` last: a reader never sees a file cut off, and a run killed
+    here leaves no ``eval_results.json`` of its own (it is rewritten on resume).
+    """
     from .model_card import render_model_card
 
-    render_model_card(model, args, model_args, data_args, info, results).save(out / "README.md")
+    kill_point("before-artifacts")
+    out = Path(args.output_dir)
+    staging = out / f".tmp-{os.getpid()}-artifacts"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        prompt_final = Path(args.stage_output_dir("prompt")) / "final"
+        if (prompt_final / ADAPTER_DIR).is_dir():
+            shutil.copytree(prompt_final / ADAPTER_DIR, staging / ADAPTER_DIR, dirs_exist_ok=True)
+            shutil.copy2(prompt_final / TEXT_FEATURES_FILE, staging / TEXT_FEATURES_FILE)
+        render_model_card(model, args, model_args, data_args, info, results).save(staging / "README.md")
+        (staging / EVAL_FILE).write_text(json.dumps(results, indent=2))
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == EVAL_FILE)
+        for path in files:
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    except (OSError, RuntimeError) as error:
+        from .run_directory import describe_write_error
+
+        line = describe_write_error(error, out)
+        if line is None:
+            raise
+        raise OSError(errno.EIO, line) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def push_output_dir(args: CCAFLTrainingArguments) -> str:
@@ -393,7 +447,7 @@ def push_output_dir(args: CCAFLTrainingArguments) -> str:
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "checkpoints"
-                   and p.name != RUN_FILE)
+                   and p.name != RUN_FILE and not p.relative_to(out).parts[0].startswith("."))
     operations = [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in files]
     api.create_commit(repo_id, operations=operations, commit_message="Upload CCAFL model trained with ccafl-hf")
     logger.info("pushed %d files to https://huggingface.co/%s", len(operations), repo_id)
