@@ -80,6 +80,7 @@ def _one_line(error: Exception) -> str:
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
     from .data import ReIDDatasetError
+    from .model_files import ModelFolderError
     from .pipeline import RunError, run_training
     from .run_directory import RunDirectoryError, describe_write_error
 
@@ -91,7 +92,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = run_training(model_args, data_args, training_args)
-    except (RunError, RunDirectoryError, ReIDDatasetError, OSError, RuntimeError) as error:
+    except (RunError, RunDirectoryError, ModelFolderError, ReIDDatasetError, OSError, RuntimeError) as error:
         # a RuntimeError is reported here only when it is a failed write (torch.save on a full disk)
         line = describe_write_error(error, training_args.output_dir)
         if line is None and isinstance(error, RuntimeError):

@@ -30,6 +30,7 @@ from .data import (
     load_reid_dataset,
 )
 from .inference import METRIC_KEYS, evaluate_reid_model
+from .model_files import check_model_folder, load_checked
 from .modeling_ccafl import CCAFLModel
 from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
@@ -130,14 +131,16 @@ def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, 
         if size and tuple(model.config.image_size) != size:
             raise RunError(f"{name} runs at {tuple(model.config.image_size)}, not --image_size {size}")
         return model, processor
+    check_model_folder(name, "--model_name_or_path")  # bad JSON, pickle-only, cut-off safetensors: one line
     config_file = Path(name) / "config.json"
     is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
     if is_ccafl:
-        model = CCAFLModel.from_pretrained(name)
+        model = load_checked(name, lambda: CCAFLModel.from_pretrained(name), "--model_name_or_path")
         if size and tuple(model.config.image_size) != size:
             raise RunError(f"{name} runs at {model.config.image_size}; --image_size {size} would need a new conversion")
     else:
-        model = CCAFLModel.from_clip(name, image_size=size or (256, 128))
+        model = load_checked(name, lambda: CCAFLModel.from_clip(name, image_size=size or (256, 128)),
+                             "--model_name_or_path")
     tokenizer = load_tokenizer(model_args.tokenizer_name or name)
     return model, build_reid_processor(model.config, tokenizer)
 
