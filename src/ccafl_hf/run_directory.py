@@ -135,7 +135,7 @@ def describe_write_error(error: BaseException, output_dir: str | os.PathLike) ->
             return f"cannot write {where}: {error.strerror}"
         return None
     if _is_write_failure(error):
-        return f"cannot write into {output_dir}: the disk is full or the folder is not writable ({str(error).split(':')[0]})"
+        return f"cannot write into {output_dir}: the disk is full or the folder is not writable (torch.save: file write failed)"
     return None
 
 
