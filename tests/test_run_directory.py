@@ -117,6 +117,7 @@ def test_plan_fresh_resume_finished_refuse_replace(tmp_path):
     settings = _settings(tmp_path)
     _finished_run(out, settings)
     assert RunDirectory(out, settings).plan().action == "finished"
+    assert RunDirectory(out, settings).plan(overwrite=True).action == "replace"  # start over on request
     (out / "eval_results.json").unlink()  # killed before the artifacts: resumed
     assert RunDirectory(out, settings).plan().action == "resume"
 

@@ -233,8 +233,9 @@ def kill_point(name: str) -> None:
 @dataclasses.dataclass
 class RunPlan:
     """What a run does with its output folder: ``fresh``, ``resume`` (same settings; finished stages are
-    reused, the rest continue from their last complete checkpoint), ``finished`` (nothing to train) or
-    ``replace`` (``--overwrite_output_dir``: the previous run is deleted when this one starts)."""
+    reused, the rest continue from their last complete checkpoint), ``finished`` (same settings, nothing
+    to train) or ``replace`` (``--overwrite_output_dir``: start over; the previous run is deleted only
+    when this one starts training)."""
 
     action: str
     reason: str = ""
@@ -379,12 +380,12 @@ class RunDirectory:
                            self.run_file, self.path)
         if not state and not finished:
             self.plan_ = RunPlan("fresh")  # nothing trained here yet (e.g. a run that failed before training)
+        elif overwrite:
+            self.plan_ = RunPlan("replace")  # start over, even with the same settings
         elif previous is not None and previous["fingerprint"] == self.fingerprint:
             self.plan_ = RunPlan("finished" if finished and self.result("final") is not None else "resume")
         elif previous is None and self.fingerprint in self._marker_fingerprints():
             self.plan_ = RunPlan("resume")
-        elif overwrite:
-            self.plan_ = RunPlan("replace")
         else:
             what = (describe_differences(previous["settings"], self.settings) if previous is not None
                     else f"{RUN_FILE} is missing or unreadable, so its settings are unknown")

@@ -32,7 +32,8 @@ class CCAFLTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="outputs/ccafl-demo", metadata={"help": "Where checkpoints and the final model go."})
     overwrite_output_dir: bool = field(
-        default=False, **_help("Replace the checkpoints of another run found in output_dir instead of refusing.")
+        default=False, **_help("Start over: replace the run found in output_dir (deleted only once arguments, data "
+                               "and model are checked and training starts) instead of resuming or refusing it.")
     )
     stages: str = field(default="prompt,icdl,ical", **_help("Comma-separated prefix of prompt,icdl,ical to run."))
     remove_unused_columns: bool = field(default=False, **_help("Keep camera/identity columns (must stay False)."))
