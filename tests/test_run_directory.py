@@ -16,6 +16,7 @@ import pytest
 
 from ccafl_hf.pipeline import DataArguments, ModelArguments
 from ccafl_hf.run_directory import (
+    LOCK_FILE,
     RUN_FILE,
     RUN_ONLY_ARGUMENTS,
     RunDirectory,
@@ -27,8 +28,6 @@ from ccafl_hf.run_directory import (
     write_json,
 )
 from ccafl_hf.trainers.arguments import CCAFLTrainingArguments
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings(tmp_path, **changes) -> dict:
@@ -179,15 +178,16 @@ def test_second_holder_is_refused_with_the_pid(tmp_path):
 
 def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import sys, time
-        from ccafl_hf.run_directory import RunDirectory
-        with RunDirectory({str(out)!r}, {{}}).lock():
-            print("locked", flush=True)
-            time.sleep(60)
-    """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    script = textwrap.dedent("""
+        import fcntl, os, sys, time
+        os.makedirs(sys.argv[1], exist_ok=True)
+        fd = os.open(os.path.join(sys.argv[1], sys.argv[2]), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\\n".encode())
+        print("locked", flush=True)
+        time.sleep(60)
+    """)  # the protocol of RunDirectory.lock (flock + PID), without the package's imports
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out), LOCK_FILE], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirectoryError, match=f"PID {holder.pid}"), RunDirectory(out, {}).lock():
