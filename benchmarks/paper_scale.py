@@ -60,10 +60,8 @@ from ccafl_hf.data import (
 from ccafl_hf.inference import autocast_context, evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
-from ccafl_hf.pipeline import _set_trainable_for_image_stages
 from ccafl_hf.prompts import IdentityPromptLearner
-from ccafl_hf.trainers import CCAFLForTraining
-from ccafl_hf.trainers.ical import identity_mean_features
+from ccafl_hf.trainers import CCAFLForTraining, identity_mean_features, set_image_stage_trainable
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {
@@ -294,7 +292,7 @@ def main(argv=None) -> dict:
         text_features = learner.all_text_features().float()
 
     # ------------------------------------------------------------------- per-epoch work of stages 2–3
-    _set_trainable_for_image_stages(model)
+    set_image_stage_trainable(model)
     if args.freeze_patch_embedding and hasattr(model.vision_model.embeddings, "patch_embedding"):
         model.vision_model.embeddings.patch_embedding.requires_grad_(False)
     module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)

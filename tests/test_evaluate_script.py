@@ -97,3 +97,63 @@ def _env():
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _corrupt(kind: str, folder: Path) -> str:
+    """Damage a copy of a saved model; return the file name the error must mention."""
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return "model.safetensors"
+    if kind == "garbage":
+        weights.write_bytes(bytes(range(256)) * 40)
+        return "model.safetensors"
+    if kind == "wrong-type":
+        values = json.loads(config.read_text())
+        values["vision_config"]["hidden_size"] = "wide"
+        config.write_text(json.dumps(values))
+        return "config.json"
+    if kind == "bad-json":
+        config.write_text(config.read_text()[:30])
+        return "config.json"
+    if kind == "pickle-only":
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(weights)), folder / "pytorch_model.bin")
+        weights.unlink()
+        return "pytorch_model.bin"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "wrong-type", "bad-json", "pickle-only"])
+def test_damaged_model_folder_is_one_line_naming_the_file(saved_model, tmp_path, capsys, kind):
+    import shutil
+
+    from ccafl_hf.retrieval_cli import retrieval_main
+
+    folder, _, _ = saved_model
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    named = _corrupt(kind, damaged)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 64)).save(images / "a.jpg")
+    for main, argv in (
+        (evaluate_main, ["--model", str(damaged), "--dataset", "synthetic", "--no_progress"]),
+        (retrieval_main, ["embed", "--model", str(damaged), "--images", str(images), "--output",
+                          str(tmp_path / "f.safetensors"), "--no_progress"]),
+    ):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: --model ") and named in err[0], err
+    if kind == "pickle-only":
+        assert "safetensors" in err[0]
+
+
+def test_bad_integer_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main(["--model", "m", "--dataset", "synthetic", "--batch_size", "0"])
+    assert exited.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: argument --batch_size: must be an integer >= 1"), err

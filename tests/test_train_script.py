@@ -164,12 +164,38 @@ def test_sigkill_at_the_icdl_ical_boundary_then_resume_matches_uninterrupted_run
     result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming ICAL at epoch 2 (step 8) from checkpoints/icdl_ical/checkpoint-8" in result.stderr
+    _assert_same_run(out, reference)
+
+
+def _assert_same_run(out: Path, reference: Path) -> None:
     expected = load_file(str(reference / "model.safetensors"))
     resumed = load_file(str(out / "model.safetensors"))
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
     assert json.loads((out / "eval_results.json").read_text()) == json.loads(
         (reference / "eval_results.json").read_text())
+
+
+def test_sigkill_at_every_stage_boundary_then_resume_matches(trained, tmp_path):
+    """Killed exactly between stages (after stage 1 before the first ICDL checkpoint, after ICDL before the
+    first ICAL checkpoint, after ICAL before the artifacts) and resumed each time, the run ends bit-identical
+    to the uninterrupted one; a 0-byte or cut-off results marker on the way is treated as absent."""
+    reference, cache = trained
+    out = tmp_path / "boundaries"
+    for point in ("after-prompt", "after-icdl", "before-artifacts"):
+        killed = subprocess.run(_script(out, cache), env={**_env(cache), "CCAFL_HF_KILL_AT": point},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        assert not (out / "eval_results.json").exists()
+        if point == "after-icdl":  # a full disk while writing the markers: 0 bytes / cut off
+            (out / "checkpoints" / "untrained_eval.json").write_bytes(b"")
+            marker = out / "checkpoints" / "icdl" / "final" / "eval_results.json"
+            marker.write_text(marker.read_text()[:20])
+    result = subprocess.run(_script(out, cache), env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ICAL already finished with these settings" in result.stderr
+    _assert_same_run(out, reference)
 
 
 @pytest.mark.parametrize(
@@ -320,3 +346,177 @@ def test_preset_naming_an_unknown_argument_is_one_clear_line(tmp_path, capsys, m
     assert code == 2 and len(err) == 1, err
     assert "preset 'demo' sets unknown argument(s): icdl_epoch" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ the run folder (issue: stale,
+# concurrent, overwrite, failed runs) and bad values
+def _snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [["--association_rate", "1.5"], ["--memory_lambda", "0.0"], ["--use_adversarial_loss", "false"],
+     ["--prompt_init_std", "0.05"], ["--icdl_epochs", "4", "--resume_from_checkpoint", "true"]],
+    ids=["association_rate", "memory_lambda", "adversarial", "prompt", "resume-flag"],
+)
+def test_changed_setting_is_refused_never_stale(trained, change, capsys):
+    """A finished run rerun with a result-affecting change is refused by name (even with
+    --resume_from_checkpoint): no stale results, no rewritten card or settings."""
+    reference, _ = trained
+    before = _snapshot(reference)
+    code = train_main(["--output_dir", str(reference), *SMALL_RUN, *change])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert f"--{change[0].lstrip('-')}" in err[0] and "--overwrite_output_dir" in err[0]
+    assert _snapshot(reference) == before
+
+
+def test_finished_run_rerun_trains_nothing_and_says_so(trained, capsys):
+    reference, _ = trained
+    before = _snapshot(reference)
+    assert train_main(["--output_dir", str(reference), *SMALL_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing trained: this run already finished" in printed and "CCAFL results" not in printed
+    assert _snapshot(reference) == before
+
+
+#: Another run holding an output folder, as `RunDirectory.lock` does (flock + PID), without the package's imports.
+LOCK_HOLDER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    os.makedirs(sys.argv[1], exist_ok=True)
+    fd = os.open(os.path.join(sys.argv[1], ".ccafl_run.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\\n".encode())
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_second_concurrent_run_is_refused(trained, tmp_path, capsys):
+    """While a run holds the folder, another run into it fails at once naming the holder's PID."""
+    _, cache = trained
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.time()
+        code = train_main(["--output_dir", str(out), *SMALL_RUN])
+        elapsed = time.time() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"in use by another training run (PID {holder.pid})" in err[0], err
+    assert elapsed < 10  # before loading data or model
+    assert [p.name for p in out.iterdir()] == [".ccafl_run.lock"]  # the holder's lock only
+
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(trained, tmp_path, capsys):
+    reference, _ = trained
+    before = _snapshot(reference)
+    code = train_main(["--output_dir", str(reference), *SMALL_RUN, "--overwrite_output_dir", "true",
+                       "--dataset", "market1501", "--dataset_options", "{}", "--data_dir", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing" in err[0], err
+    assert _snapshot(reference) == before
+
+
+def test_a_run_failing_before_training_leaves_the_folder_as_found(tmp_path, capsys):
+    """A wrong --data_dir: nothing is created (so the corrected rerun is not refused), and an existing
+    folder keeps exactly what it had."""
+    for out in (tmp_path / "new", tmp_path / "existing"):
+        if out.name == "existing":
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        code = train_main(["--output_dir", str(out), *SMALL_RUN, "--dataset", "market1501", "--dataset_options", "{}",
+                           "--data_dir", str(tmp_path / "wrong")])
+        assert code == 2 and "wrong" in capsys.readouterr().err
+        assert (not out.exists()) if out.name == "new" else [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+#: Bad values in `--help` order: each is one `error:` line naming the flag, exit 2, before any work.
+BAD_VALUES = [
+    (["--model_name_or_path", "{pickle}"], "pytorch_model.bin"),
+    (["--image_size", "64"], "--image_size"),
+    (["--config_overrides", "[1]"], "--config_overrides must be a JSON object"),
+    (["--dataset", "cuhk03"], "cuhk03"),
+    (["--dataset_options", "[1]"], "--dataset_options must be a JSON object"),
+    (["--learning_rate", "nan"], "--learning_rate"),
+    (["--learning_rate", "abc"], "--learning_rate"),
+    (["--weight_decay", "-1"], "--weight_decay"),
+    (["--seed", "-3"], "--seed"),
+    (["--prompt_epochs", "-1"], "--prompt_epochs"),
+    (["--prompt_epochs", "0"], "--prompt_epochs"),
+    (["--num_identities_per_batch", "1"], "--num_identities_per_batch"),
+    (["--num_instances", "0"], "--num_instances"),
+    (["--icdl_epochs", "-1"], "--icdl_epochs"),
+    (["--ical_epochs", "-1"], "--ical_epochs"),
+    (["--ical_epochs", "0"], "--ical_epochs"),
+    (["--lr_decay_epochs", "a,b"], "--lr_decay_epochs"),
+    (["--memory_temperature", "0"], "--memory_temperature"),
+    (["--association_rate", "-1"], "--association_rate"),
+    (["--association_rate", "0"], "--association_rate"),
+    (["--adversarial_end_epoch", "1"], "--adversarial_end_epoch"),
+]
+
+
+def test_bad_values_table_is_in_help_order():
+    from transformers import HfArgumentParser
+
+    from ccafl_hf.pipeline import DataArguments, ModelArguments
+    from ccafl_hf.trainers.arguments import CCAFLTrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
+    order = [a.option_strings[0] for a in parser._actions if a.option_strings]
+    positions = [order.index(argv[0]) for argv, _ in BAD_VALUES]
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_value_is_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
+    if argv[1] == "{pickle}":  # a model folder holding only pickle weights
+        folder = tmp_path / "pickled"
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "ccafl"}')
+        torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+        argv = [argv[0], str(folder)]
+    out = tmp_path / "out"
+    code = train_main(["--output_dir", str(out), *SMALL_RUN, *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists()
+
+
+def test_help_of_every_command_shows_defaults(capsys):
+    from ccafl_hf.cli import evaluate_main, retrieval_main
+
+    commands = [(train_main, []), (evaluate_main, []), (retrieval_main, [])]
+    commands += [(retrieval_main, [sub]) for sub in ("embed", "index", "search", "export-onnx")]
+    for main, argv in commands:
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "--" in text and ("default" in text or not argv and main is retrieval_main), (main, argv)
+        if main is train_main:
+            shown = " ".join(text.split())  # the preset's value is the default shown
+            assert f"pairs considered. (default: {load_preset('demo')['association_rate']})" in shown
+
+
+def test_full_disk_is_one_line_naming_the_folder(trained, tmp_path, capsys, monkeypatch):
+    """torch.save on a full disk raises a RuntimeError without the path: the script names the folder."""
+    _, cache = trained
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "full"
+    code = train_main(["--output_dir", str(out), *SMALL_RUN])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write into"), err
+    assert str(out) in err[0] and "disk is full" in err[0]

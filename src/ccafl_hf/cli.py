@@ -55,6 +55,7 @@ def _parse_train_command(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
     parser.add_argument("--print_settings", action="store_true",
                         help="Print every resolved setting (preset + flags) as JSON and exit without training.")
+    parser.error = _raise_usage_error  # a bad flag or value: one line (train_main), not argparse's usage block
     preset_name = _peek_option(argv, "preset", "demo")
     preset = load_preset(preset_name)
     known = {action.dest for action in parser._actions}
@@ -64,6 +65,10 @@ def _parse_train_command(argv: list[str] | None = None):
     parser.set_defaults(**preset)
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args, extra.print_settings
+
+
+def _raise_usage_error(message: str):
+    raise ValueError(message)
 
 
 def _format_table(results: dict[str, Any]) -> str:
@@ -83,7 +88,9 @@ def _one_line(error: Exception) -> str:
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
     from .data import ReIDDatasetError
+    from .model_files import ModelFolderError
     from .pipeline import RunError, run_training
+    from .run_directory import RunDirectoryError, describe_write_error
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -98,10 +105,18 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0
     try:
         results = run_training(model_args, data_args, training_args)
-    except (RunError, ReIDDatasetError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+    except (RunError, RunDirectoryError, ModelFolderError, ReIDDatasetError, OSError, RuntimeError) as error:
+        # a RuntimeError is reported here only when it is a failed write (torch.save on a full disk)
+        line = describe_write_error(error, training_args.output_dir)
+        if line is None and isinstance(error, RuntimeError):
+            raise
+        print(f"error: {_one_line(line or error)}", file=sys.stderr)
         return 2
-    if training_args.process_index == 0:
+    if training_args.process_index == 0 and results.get("already_finished"):
+        print(f"\nnothing trained: this run already finished in {training_args.output_dir} with the same settings "
+              f"(final mAP {100 * results.get('mAP', 0.0):.1f}%, all stages in eval_results.json); pass "
+              "--overwrite_output_dir to train it again")
+    elif training_args.process_index == 0:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")
         print(_format_table(results))
         print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")

@@ -32,6 +32,41 @@ def _fail(error: BaseException) -> int:
     return USER_ERROR
 
 
+class _Parser(argparse.ArgumentParser):
+    """Shows every flag's default in ``--help``; a bad flag or value is one ``error:`` line, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(USER_ERROR)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", required=required, help="Saved CCAFL model folder (e.g. outputs/ccafl-demo) or Hub id.")
     parser.add_argument("--trust_remote_code", action="store_true",
@@ -39,8 +74,8 @@ def _add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> N
 
 
 def _add_extraction_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch_size", type=int, default=128, help="Images per forward pass.")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument("--batch_size", type=_positive, default=128, help="Images per forward pass.")
+    parser.add_argument("--num_workers", type=_count, default=0, help="DataLoader worker processes.")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast.")
     precision.add_argument("--fp16", action="store_true", help="float16 autocast (bfloat16 on CPU).")
@@ -79,19 +114,22 @@ def _load_dataset(args: argparse.Namespace):
 def _load_model(args: argparse.Namespace):
     from accelerate import PartialState
 
+    from .model_files import load_checked
     from .retrieval import load_reid_model
 
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return load_reid_model(args.model, PartialState().device, trust_remote_code=args.trust_remote_code)
+    # a corrupt or cut-off safetensors file, a config value of the wrong type, pickle-only weights: one line
+    return load_checked(args.model, lambda: load_reid_model(args.model, PartialState().device,
+                                                            trust_remote_code=args.trust_remote_code))
 
 
 # ----------------------------------------------------------------------------------------- evaluate
 def build_evaluate_parser() -> argparse.ArgumentParser:
     """Arguments of ``scripts/evaluate.py`` / ``ccafl-evaluate``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ccafl-evaluate",
         description="Evaluate a trained CCAFL model on a ReID query/gallery split (Market-1501 protocol); "
                     "any dataset, so cross-dataset evaluation is one flag away.",
@@ -105,8 +143,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
                         help="Folder for query.safetensors and gallery.safetensors (usable by `ccafl-retrieval search`).")
     parser.add_argument("--save_ranked_lists", default=None,
                         help="Folder for worst.png / best.png ranked lists (by AP) and ranked_lists.json.")
-    parser.add_argument("--num_lists", type=int, default=10, help="Queries in each of worst.png and best.png.")
-    parser.add_argument("--topk", type=int, default=10, help="Gallery images shown per query.")
+    parser.add_argument("--num_lists", type=_positive, default=10, help="Queries in each of worst.png and best.png.")
+    parser.add_argument("--topk", type=_positive, default=10, help="Gallery images shown per query.")
     return parser
 
 
@@ -187,7 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- retrieval
 def build_retrieval_parser() -> argparse.ArgumentParser:
     """Arguments of ``scripts/retrieval.py`` / ``ccafl-retrieval`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="ccafl-retrieval", description="Embed, index and search image galleries.")
+    parser = _Parser(prog="ccafl-retrieval", description="Embed, index and search image galleries.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,index,search,export-onnx}")
 
     embed = sub.add_parser("embed", help="Embed a folder of images or a dataset split into a features file.")
@@ -206,10 +244,10 @@ def build_retrieval_parser() -> argparse.ArgumentParser:
     index.add_argument("--output", required=True, help="Index file to write (.faiss).")
     index.add_argument("--kind", choices=("flat", "ivf"), default="flat",
                        help="flat: exact inner product; ivf: inverted lists for very large galleries.")
-    index.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4*sqrt(N)).")
-    index.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query (default nlist/8).")
-    index.add_argument("--recall_k", type=int, default=10, help="k of the recall@k measured for an IVF index.")
-    index.add_argument("--recall_queries", type=int, default=1000, help="Gallery vectors used as recall queries.")
+    index.add_argument("--nlist", type=_positive, default=None, help="IVF lists (default ~4*sqrt(N)).")
+    index.add_argument("--nprobe", type=_positive, default=None, help="IVF lists visited per query (default nlist/8).")
+    index.add_argument("--recall_k", type=_positive, default=10, help="k of the recall@k measured for an IVF index.")
+    index.add_argument("--recall_queries", type=_positive, default=1000, help="Gallery vectors used as recall queries.")
     _add_faiss_device(index)
 
     search = sub.add_parser("search", help="Search queries against a gallery; print/write the top-k.")
@@ -220,17 +258,17 @@ def build_retrieval_parser() -> argparse.ArgumentParser:
     queries.add_argument("--query_images", help="Folder of query images (embedded with --model).")
     _add_model_args(search, required=False)
     _add_extraction_args(search)
-    search.add_argument("--k", type=int, default=10, help="Matches per query.")
+    search.add_argument("--k", type=_positive, default=10, help="Matches per query.")
     search.add_argument("--output", default=None, help="Write every query's matches to this JSON file.")
-    search.add_argument("--num_print", type=int, default=5, help="Queries whose matches are printed.")
+    search.add_argument("--num_print", type=_count, default=5, help="Queries whose matches are printed.")
     search.add_argument("--save_ranked_lists", default=None, help="Folder for search.png, the first queries' ranked lists.")
-    search.add_argument("--num_lists", type=int, default=10, help="Queries drawn in search.png.")
+    search.add_argument("--num_lists", type=_positive, default=10, help="Queries drawn in search.png.")
     _add_faiss_device(search)
 
     export = sub.add_parser("export-onnx", help="Export the image tower (pixels -> retrieval features) to ONNX.")
     _add_model_args(export)
     export.add_argument("--output", required=True, help="ONNX file to write.")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset version.")
+    export.add_argument("--opset", type=_positive, default=17, help="ONNX opset version.")
     export.add_argument("--no_verify", action="store_true", help="Skip the onnxruntime parity check.")
     return parser
 

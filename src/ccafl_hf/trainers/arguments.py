@@ -9,6 +9,7 @@ paper's "adversarial epochs 40–49" is written as it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -33,7 +34,8 @@ class CCAFLTrainingArguments(TrainingArguments):
 
     output_dir: str | None = field(default="outputs/ccafl-demo", metadata={"help": "Where checkpoints and the final model go."})
     overwrite_output_dir: bool = field(
-        default=False, **_help("Replace the checkpoints of another run found in output_dir instead of refusing.")
+        default=False, **_help("Start over: replace the run found in output_dir (deleted only once arguments, data "
+                               "and model are checked and training starts) instead of resuming or refusing it.")
     )
     stages: str = field(default="prompt,icdl,ical", **_help("Comma-separated prefix of prompt,icdl,ical to run."))
     remove_unused_columns: bool = field(default=False, **_help("Keep camera/identity columns (must stay False)."))
@@ -45,7 +47,8 @@ class CCAFLTrainingArguments(TrainingArguments):
     dataloader_drop_last: bool = field(default=True, **_help("Whole P×K batches only."))
 
     # ------------------------------------------------------------------ stage 1: prompt learning
-    prompt_epochs: float = field(default=60, **_help("Stage-1 epochs over the cached features."))
+    prompt_epochs: float = field(default=60, **_help("Stage-1 epochs over the cached features (> 0: stages 2-3 need "
+                                                      "trained prompts; use --stages to stop earlier)."))
     prompt_batch_size: int = field(default=64, **_help("Stage-1 batch size (random batches of cached features)."))
     prompt_learning_rate: float = field(default=3.5e-4, **_help("Stage-1 Adam learning rate."))
     prompt_weight_decay: float = field(default=1e-4, **_help("Stage-1 Adam weight decay."))
@@ -56,7 +59,8 @@ class CCAFLTrainingArguments(TrainingArguments):
     num_identities_per_batch: int = field(default=16, **_help("P: intra-camera identities per batch."))
     num_instances: int = field(default=8, **_help("K: images per identity per batch."))
     iters_per_epoch: int | None = field(default=200, **_help("Steps per stage-2/3 epoch (reference 200); None = one sampler pass."))
-    icdl_epochs: int = field(default=5, **_help("Stage-2 (ICDL) epochs."))
+    icdl_epochs: int = field(default=5, **_help("Stage-2 (ICDL) epochs (0: no ICDL training, ICAL starts from the "
+                                                "stage-1 model)."))
     ical_epochs: int = field(default=75, **_help("Stage-3 (ICAL) epochs (epochs icdl_epochs..icdl_epochs+ical_epochs-1)."))
     bias_lr_factor: float = field(default=2.0, **_help("Learning-rate factor of bias parameters."))
     warmup_epochs: int = field(default=10, **_help("Linear warm-up epochs of the stage-2/3 loop."))
@@ -125,22 +129,13 @@ class CCAFLTrainingArguments(TrainingArguments):
     torch_num_threads: int | None = field(
         default=None,
         **_help("CPU threads of torch's intra-op pool (torch.set_num_threads, process-wide) for the run; None = "
-                "torch's default. The demo preset sets 1: the tiny model gains ~20% from a 2nd thread on an idle "
+                "torch's default. The demo preset sets 1: the tiny model gains ~20 percent from a 2nd thread on an idle "
                 "2-core CPU but runs 2.5-10x slower with it when another job holds the other core (spin-waits)."),
     )
 
     # ------------------------------------------------------------------ evaluation
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
-
-    # ------------------------------------------------------------------ optimiser recipe and precision
-    optimizer: str = field(default="adam", **_help("Stages 2–3 optimiser: adam (the paper's RN50 recipe) or sgd."))
-    sgd_momentum: float = field(default=0.9, **_help("Momentum of --optimizer sgd."))
-    freeze_patch_embedding: bool = field(default=False, **_help("Keep the ViT patch projection frozen in stages 2–3."))
-    max_grad_norm: float = field(default=0.0, **_help("Gradient clipping norm; 0 = no clipping (the reference)."))
-    mixed_precision: str = field(
-        default="no", **_help("no, bf16, fp16 or auto (bf16 where supported, else fp16 on a GPU; fp32 on a CPU).")
-    )
 
     def __post_init__(self):
         self._resolve_mixed_precision()
@@ -152,28 +147,8 @@ class CCAFLTrainingArguments(TrainingArguments):
         self.stage_list = parse_stages(self.stages)
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: camera and identity columns feed the losses")
-        for name in ("num_identities_per_batch", "num_instances", "icdl_epochs", "prompt_batch_size"):
-            if getattr(self, name) < (0 if name == "icdl_epochs" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
-            raise ValueError(f"iters_per_epoch must be >= 1 or None, got {self.iters_per_epoch}")
-        if self.torch_num_threads is not None and self.torch_num_threads < 1:
-            raise ValueError(f"torch_num_threads must be >= 1 or None, got {self.torch_num_threads}")
-        if not 0.0 <= self.random_erasing_prob <= 1.0:
-            raise ValueError(f"random_erasing_prob must lie in [0, 1], got {self.random_erasing_prob}")
-        if self.color_jitter < 0.0:
-            raise ValueError(f"color_jitter must be >= 0, got {self.color_jitter}")
-        if not 0.0 <= self.memory_lambda <= 1.0:
-            raise ValueError(f"memory_lambda must lie in [0, 1], got {self.memory_lambda}")
-        if self.adversarial_end_epoch < self.adversarial_start_epoch:
-            raise ValueError("adversarial_end_epoch must be >= adversarial_start_epoch")
-        self.lr_decay_epoch_list = [int(e) for e in str(self.lr_decay_epochs).split(",") if e.strip()]
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not 0.0 <= self.sgd_momentum < 1.0:
-            raise ValueError(f"--sgd_momentum must lie in [0, 1), got {self.sgd_momentum}")
-        if self.max_grad_norm is None or self.max_grad_norm < 0:
-            raise ValueError(f"--max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        validate_training_arguments(self)
+        self.lr_decay_epoch_list = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
 
     def _resolve_mixed_precision(self) -> None:
         """Turn ``mixed_precision`` (no|fp16|bf16|auto) and ``--bf16``/``--fp16`` into one concrete choice."""
@@ -247,4 +222,95 @@ def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:
     return items
 
 
-__all__ = ["MIXED_PRECISIONS", "OPTIMIZERS", "STAGES", "CCAFLTrainingArguments", "parse_stages"]
+# ------------------------------------------------------------------------------------- validation
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _at_least(low):
+    return lambda v: _finite(v) and v >= low
+
+
+def _above(low):
+    return lambda v: _finite(v) and v > low
+
+
+def _within(low, high):
+    return lambda v: _finite(v) and low <= v <= high
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+#: (field, check, what a valid value is): every numeric setting has a range, checked before any work.
+ARGUMENT_RANGES = (
+    ("learning_rate", _above(0), "a finite number > 0"),
+    ("weight_decay", _at_least(0), "a finite number >= 0"),
+    ("per_device_eval_batch_size", _at_least(1), "an integer >= 1"),
+    ("seed", _within(0, 2**32 - 1), "an integer in [0, 2**32 - 1]"),
+    ("prompt_epochs", _above(0), "> 0 (stages 2-3 need trained prompts; use --stages to stop earlier)"),
+    ("prompt_batch_size", _at_least(1), "an integer >= 1"),
+    ("prompt_learning_rate", _above(0), "a finite number > 0"),
+    ("prompt_weight_decay", _at_least(0), "a finite number >= 0"),
+    ("prompt_warmup_epochs", _at_least(0), "a finite number >= 0"),
+    ("prompt_init_std", _above(0), "a finite number > 0"),
+    ("num_identities_per_batch", _at_least(2), "an integer >= 2 (P: a batch needs two identities to contrast)"),
+    ("num_instances", _at_least(1), "an integer >= 1 (K)"),
+    ("iters_per_epoch", _optional(_at_least(1)), "an integer >= 1, or None for one sampler pass"),
+    ("icdl_epochs", _at_least(0), "an integer >= 0 (0: no ICDL training)"),
+    ("ical_epochs", _at_least(1), "an integer >= 1 (use --stages prompt,icdl to stop before ICAL)"),
+    ("bias_lr_factor", _above(0), "a finite number > 0"),
+    ("warmup_epochs", _at_least(0), "an integer >= 0"),
+    ("warmup_factor", _within(0, 1), "a number in [0, 1]"),
+    ("lr_decay_gamma", _within(0, 1), "a number in [0, 1]"),
+    ("sgd_momentum", lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("max_grad_norm", _at_least(0), ">= 0 (0 = no clipping)"),
+    ("random_erasing_prob", _within(0, 1), "a probability in [0, 1]"),
+    ("color_jitter", _within(0, 2), "a number in [0, 2] (0 = off)"),
+    ("memory_temperature", _above(0), "a finite number > 0"),
+    ("memory_momentum", _within(0, 1), "a number in [0, 1]"),
+    ("memory_instances", _at_least(1), "an integer >= 1"),
+    ("memory_lambda", _within(0, 1), "a number in [0, 1]"),
+    ("triplet_margin", _at_least(0), "a finite number >= 0"),
+    ("label_smoothing", _within(0, 0.999), "a number in [0, 1)"),
+    ("association_rate", _above(0), "a finite number > 0 (M = rate x N pairs)"),
+    ("ical_image_text_start_epoch", _at_least(0), "an integer >= 0"),
+    ("adversarial_start_epoch", _at_least(0), "an integer >= 0"),
+    ("adversarial_end_epoch", _at_least(0), "an integer >= --adversarial_start_epoch"),
+    ("adversarial_margin", _at_least(0), "a finite number >= 0"),
+    ("adversarial_epsilon", _within(0, 1), "a number in [0, 1]"),
+    ("adversarial_tau", _at_least(0), "a finite number >= 0"),
+    ("classifier_scale", _above(0), "a finite number > 0"),
+    ("classifier_learning_rate", _above(0), "a finite number > 0"),
+    ("classifier_weight_decay", _at_least(0), "a finite number >= 0"),
+    ("torch_num_threads", _optional(_at_least(1)), "an integer >= 1, or None"),
+)
+
+
+def validate_training_arguments(args: CCAFLTrainingArguments) -> None:
+    """Check every `ARGUMENT_RANGES` entry (and the relations between fields); raise `ValueError` naming the
+    first bad flag, its value and what is expected."""
+    if args.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}")
+    for name, check, expected in ARGUMENT_RANGES:
+        value = getattr(args, name)
+        if not check(value):
+            raise ValueError(f"--{name} must be {expected}, got {value}")
+    if args.adversarial_end_epoch < args.adversarial_start_epoch:
+        raise ValueError(f"--adversarial_end_epoch ({args.adversarial_end_epoch}) must be >= "
+                         f"--adversarial_start_epoch ({args.adversarial_start_epoch})")
+    parse_int_list(args.lr_decay_epochs, "--lr_decay_epochs")
+
+
+def parse_int_list(value: str | list[int], flag: str) -> list[int]:
+    """A comma-separated list of integers >= 0 (e.g. ``"40,50"``); a `ValueError` naming ``flag`` otherwise."""
+    items = [str(e).strip() for e in (value.split(",") if isinstance(value, str) else value)]
+    items = [e for e in items if e]
+    if not all(e.isdigit() for e in items):
+        raise ValueError(f"{flag} must be comma-separated integers >= 0 (e.g. 40,50), got {value!r}")
+    return [int(e) for e in items]
+
+
+__all__ = ["ARGUMENT_RANGES", "MIXED_PRECISIONS", "OPTIMIZERS", "STAGES", "CCAFLTrainingArguments", "parse_int_list",
+           "parse_stages", "validate_training_arguments"]
