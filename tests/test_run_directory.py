@@ -43,7 +43,8 @@ def test_every_result_setting_is_fingerprinted_by_default(tmp_path):
     assert names - RUN_ONLY_ARGUMENTS <= set(settings)
     assert not (set(settings) & RUN_ONLY_ARGUMENTS)
     for flag in ("association_rate", "memory_lambda", "use_adversarial_loss", "prompt_init_std", "triplet_margin",
-                 "lr_decay_epochs", "random_erasing_prob", "eval_rerank", "warmup_factor", "seed"):
+                 "lr_decay_epochs", "random_erasing_prob", "eval_rerank", "warmup_factor", "seed", "optimizer",
+                 "sgd_momentum", "freeze_patch_embedding", "mixed_precision", "max_grad_norm"):
         assert flag in settings, flag
 
     @dataclasses.dataclass
@@ -57,7 +58,9 @@ def test_every_result_setting_is_fingerprinted_by_default(tmp_path):
 @pytest.mark.parametrize(
     "change",
     [{"association_rate": 1.5}, {"memory_lambda": 0.0}, {"use_adversarial_loss": False}, {"prompt_epochs": 7},
-     {"lr_decay_epochs": "30,50"}, {"random_erasing_prob": 0.1}, {"icdl_epochs": 4}, {"bf16": True}],
+     {"lr_decay_epochs": "30,50"}, {"random_erasing_prob": 0.1}, {"icdl_epochs": 4}, {"bf16": True},
+     {"optimizer": "sgd"}, {"sgd_momentum": 0.5}, {"freeze_patch_embedding": True}, {"mixed_precision": "bf16"},
+     {"max_grad_norm": 1.0}],
 )
 def test_a_result_setting_changes_the_fingerprint(tmp_path, change):
     assert _settings(tmp_path) != _settings(tmp_path, **change)
@@ -70,6 +73,16 @@ def test_a_result_setting_changes_the_fingerprint(tmp_path, change):
 )
 def test_a_run_only_setting_does_not(tmp_path, change):
     assert _settings(tmp_path) == _settings(tmp_path, **change)
+
+
+def test_print_settings_shows_what_the_fingerprint_leaves_out(tmp_path):
+    """`resolved_settings` (--print_settings, resolved_settings.json) holds every setting, run-only ones too."""
+    from ccafl_hf.pipeline import resolved_settings
+
+    args = CCAFLTrainingArguments(output_dir=str(tmp_path / "out"), logging_steps=7)
+    shown = resolved_settings(ModelArguments(), DataArguments(), args)
+    assert shown["training"]["logging_steps"] == 7 and shown["data"]["data_dir"] is None
+    assert "logging_steps" not in _settings(tmp_path) and "data_dir" not in _settings(tmp_path)
 
 
 def test_json_options_compare_by_content(tmp_path):

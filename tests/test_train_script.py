@@ -454,6 +454,8 @@ BAD_VALUES = [
     (["--ical_epochs", "-1"], "--ical_epochs"),
     (["--ical_epochs", "0"], "--ical_epochs"),
     (["--lr_decay_epochs", "a,b"], "--lr_decay_epochs"),
+    (["--optimizer", "lbfgs"], "--optimizer"),
+    (["--sgd_momentum", "1.5"], "--sgd_momentum"),
     (["--memory_temperature", "0"], "--memory_temperature"),
     (["--association_rate", "-1"], "--association_rate"),
     (["--association_rate", "0"], "--association_rate"),

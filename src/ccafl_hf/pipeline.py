@@ -237,7 +237,7 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
         explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
         # data and model before the folder is touched: a run that fails on them leaves it as it found it
         dataset, info = _load_dataset(data_args)
-        model, processor = build_model(model_args, seed=args.seed)  # tiny-pretrained: built once, under a file lock
+        model, processor = build_model(model_args, seed=args.seed)
         run_dir.set_settings(run_settings(model_args, data_args, args, dataset_identity(dataset)))
         plan = run_dir.plan(overwrite=args.overwrite_output_dir)
         process.wait_for_everyone()
