@@ -135,6 +135,11 @@ def open_clip_config_kwargs(checkpoint: OpenCLIPCheckpoint) -> dict[str, Any]:
                          "and cannot be converted")
     vision = cfg["vision_cfg"]
     width, vocab = int(text.get("width", 512)), int(text.get("vocab_size", 49408))
+    # OpenAI's CLIP weights were trained with QuickGELU; a config that does not say (open_clip keeps that flag
+    # on the pretrained tag, not always in the model config) is read as QuickGELU for an ``*openai*`` source
+    quick_gelu = cfg.get("quick_gelu")
+    if quick_gelu is None:
+        quick_gelu = "openai" in str(checkpoint.name).lower()
     text_config = {
         "vocab_size": vocab,
         "hidden_size": width,
@@ -142,7 +147,7 @@ def open_clip_config_kwargs(checkpoint: OpenCLIPCheckpoint) -> dict[str, Any]:
         "num_hidden_layers": int(text.get("layers", 12)),
         "num_attention_heads": int(text.get("heads", 8)),
         "max_position_embeddings": int(text.get("context_length", 77)),
-        "hidden_act": "quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
+        "hidden_act": "quick_gelu" if quick_gelu else "gelu",
         "projection_dim": int(cfg["embed_dim"]),
         "bos_token_id": vocab - 2,  # CLIP's <|startoftext|>, <|endoftext|> close the vocabulary
         "eos_token_id": vocab - 1,
