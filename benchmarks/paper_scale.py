@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ccafl_hf import CCAFLConfig, CCAFLModel, build_reid_processor
-from ccafl_hf.association import associate_across_cameras
+from ccafl_hf.association import associate_across_cameras, identity_mean_features
 from ccafl_hf.cli import parse_train_args
 from ccafl_hf.data import (
     RandomIdentitySampler,
@@ -57,13 +57,11 @@ from ccafl_hf.data import (
     dataset_summary,
     load_reid_dataset,
 )
-from ccafl_hf.inference import autocast_context, evaluate_reid_model, extract_features
+from ccafl_hf.evaluation import autocast_context, evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
-from ccafl_hf.pipeline import _set_trainable_for_image_stages
 from ccafl_hf.prompts import IdentityPromptLearner
-from ccafl_hf.trainers import CCAFLForTraining
-from ccafl_hf.trainers.ical import identity_mean_features
+from ccafl_hf.trainers import CCAFLForTraining, set_image_stage_trainable
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {
@@ -294,7 +292,7 @@ def main(argv=None) -> dict:
         text_features = learner.all_text_features().float()
 
     # ------------------------------------------------------------------- per-epoch work of stages 2–3
-    _set_trainable_for_image_stages(model)
+    set_image_stage_trainable(model)
     if args.freeze_patch_embedding and hasattr(model.vision_model.embeddings, "patch_embedding"):
         model.vision_model.embeddings.patch_embedding.requires_grad_(False)
     module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)

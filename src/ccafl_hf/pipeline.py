@@ -28,12 +28,12 @@ from .data import (
     dataset_summary,
     load_reid_dataset,
 )
-from .inference import METRIC_KEYS, evaluate_reid_model
+from .evaluation import METRIC_KEYS, evaluate_reid_model
 from .modeling_ccafl import CCAFLModel
-from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
 from .tiny import TINY_MODELS, create_tiny_model
+from .tiny.pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .trainers import (
     CCAFLForTraining,
     CCAFLTrainer,
