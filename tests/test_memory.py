@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccafl_hf.memory import CameraMemory, ClusterMemory, IdentityClassifier
+from ccafl_hf.classifier import IdentityClassifier
+from ccafl_hf.memory import CameraMemory, ClusterMemory
 
 IDENTITY_CAMIDS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
 N, D = IDENTITY_CAMIDS.numel(), 6

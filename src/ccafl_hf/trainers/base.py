@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..data import RandomIdentitySampler
-from ..inference import METRIC_KEYS, evaluate_reid_model
+from ..evaluation import METRIC_KEYS, evaluate_reid_model
 from .arguments import CCAFLTrainingArguments
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable

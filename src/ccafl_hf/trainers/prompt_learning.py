@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
-from ..inference import extract_features
+from ..evaluation import extract_features
 from ..losses import prompt_contrastive_loss
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner

@@ -15,7 +15,8 @@ import logging
 import torch
 from torch import nn
 
-from ..memory import CameraMemory, ClusterMemory, IdentityClassifier
+from ..classifier import IdentityClassifier
+from ..memory import CameraMemory, ClusterMemory
 from ..modeling_ccafl import CCAFLModel
 from .arguments import CCAFLTrainingArguments
 from .objectives import StageObjective
