@@ -1,4 +1,4 @@
-"""Memories and the global-ID classifier (METHOD.md §4, §5) against slow loops written from the spec."""
+"""Memories and the global-ID classifier (docs/method.md §4, §5) against slow loops written from the spec."""
 
 from __future__ import annotations
 

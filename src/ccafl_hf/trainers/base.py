@@ -1,4 +1,4 @@
-"""`CCAFLTrainer`: stages 2–3 (ICDL epochs, then ICAL epochs) as ONE training loop (METHOD.md §6).
+"""`CCAFLTrainer`: stages 2–3 (ICDL epochs, then ICAL epochs) as ONE training loop (docs/method.md §6).
 
 One optimiser, one learning-rate schedule and one grad scaler run through the whole loop; the active
 objective ([`ICDLObjective`] / [`ICALObjective`]) switches at the epoch boundary. The trainer owns its

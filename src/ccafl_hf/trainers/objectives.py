@@ -1,5 +1,5 @@
 """The objectives of stages 2 and 3: which losses one epoch trains with, how the state they read is
-prepared at the start of the epoch, and how the memories follow each step (METHOD.md §4–§6).
+prepared at the start of the epoch, and how the memories follow each step (docs/method.md §4–§6).
 
 An objective holds hyper-parameters only; the state it reads and writes (memories, pseudo-labels,
 text features) lives in [`CCAFLForTraining`] so `state_dict` and checkpoints carry it. The

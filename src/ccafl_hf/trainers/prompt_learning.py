@@ -1,4 +1,4 @@
-"""Stage 1 — identity prompt learning on cached image features (METHOD.md §3)."""
+"""Stage 1 — identity prompt learning on cached image features (docs/method.md §3)."""
 
 from __future__ import annotations
 
