@@ -1,4 +1,4 @@
-"""Cross-camera association of intra-camera identities (METHOD.md §5, steps 1–4).
+"""Cross-camera association of intra-camera identities (docs/method.md §5, steps 1–4).
 
 Given one feature per intra-camera identity, the stage-3 pseudo-identities are built by
 
@@ -194,7 +194,7 @@ def _pair_distances(x: np.ndarray, sqnorm: np.ndarray, a: np.ndarray, b: np.ndar
 
 
 def _greedy_walk(a: np.ndarray, b: np.ndarray, cam: np.ndarray, num_cams: int) -> np.ndarray:
-    """Indices of the accepted pairs among ``(a[t], b[t])`` walked in order (METHOD.md §5 step 3).
+    """Indices of the accepted pairs among ``(a[t], b[t])`` walked in order (docs/method.md §5 step 3).
 
     A pair is accepted only if ``a`` has no accepted partner in ``b``'s camera and ``b`` none in
     ``a``'s camera. The rule is inherently sequential; this is a tight loop over flat ``bytearray``
@@ -259,7 +259,7 @@ def associate_across_cameras(
     use_gpu: bool | None = None,
     return_pairs: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Pseudo-identities from cross-camera association (METHOD.md §5 steps 1–4), without an N x N matrix.
+    """Pseudo-identities from cross-camera association (docs/method.md §5 steps 1–4), without an N x N matrix.
 
     Args:
         features: ``[N, D]`` one feature per intra-camera identity (numpy or torch). The method

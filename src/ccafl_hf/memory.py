@@ -1,4 +1,4 @@
-"""The memories of CCAFL (METHOD.md §4, §5); the global-ID classifier is in `ccafl_hf.classifier`.
+"""The memories of CCAFL (docs/method.md §4, §5); the global-ID classifier is in `ccafl_hf.classifier`.
 
 * `CameraMemory` — the ICDL camera memories: a centroid and ``I`` instance slots per intra-camera
   identity, with centroid and hard-instance losses restricted to the sample's own camera.
@@ -53,7 +53,7 @@ def _rank_within_label(labels: torch.Tensor, num_labels: int) -> tuple[torch.Ten
 
 
 class CameraMemory(nn.Module):
-    """Per-camera identity memory of ICDL (METHOD.md §4), for all cameras at once.
+    """Per-camera identity memory of ICDL (docs/method.md §4), for all cameras at once.
 
     Buffers: ``centroids`` ``[N, D]`` (L2-normalised), ``instances`` ``[N, I, D]``, ``identity_camids``
     ``[N]``, ``pointers`` ``[N]`` (next instance slot of each identity) and ``initialized`` (bool).
@@ -256,7 +256,7 @@ class CameraMemory(nn.Module):
 
 
 class ClusterMemory(nn.Module):
-    """Global pseudo-identity memory of ICAL (METHOD.md §5).
+    """Global pseudo-identity memory of ICAL (docs/method.md §5).
 
     Buffer ``centroids`` ``[C, D]``; ``C`` changes with every association, so `reset` replaces the
     buffer and loading a ``state_dict`` resizes it to the checkpoint's ``C``.

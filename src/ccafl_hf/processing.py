@@ -22,7 +22,7 @@ from transformers.image_utils import PILImageResampling
 
 from .configuration_ccafl import CCAFLConfig
 
-#: CLIP's own normalisation (METHOD.md §6: the natural choice for CLIP weights).
+#: CLIP's own normalisation (docs/method.md §6: the natural choice for CLIP weights).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

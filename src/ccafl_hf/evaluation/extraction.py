@@ -153,7 +153,7 @@ def evaluate_reid_model(
     accelerator=None,
     progress: bool = True,
 ) -> dict:
-    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (METHOD.md §1).
+    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (docs/method.md §1).
 
     Returns the dict of `ccafl_hf.evaluation.compute_reid_metrics` (``mAP``, ``rank1``, …, fractions).
     """

@@ -196,7 +196,7 @@ def rank_gallery(
     """Rank the gallery for every query by cosine similarity, as the evaluation does.
 
     ``query_features [Q, D]``, ``gallery_features [G, D]``, ids ``[Q]`` / ``[G]``. Gallery images of
-    the query's identity *and* camera are removed (METHOD.md §1); ties keep gallery order. The mean
+    the query's identity *and* camera are removed (docs/method.md §1); ties keep gallery order. The mean
     of the finite ``average_precision`` is the mAP of `ccafl_hf.evaluation.compute_reid_metrics`.
     Queries are processed ``chunk_size`` at a time (default: ~256 MB of scratch).
     """
