@@ -13,10 +13,10 @@ from transformers.models.clip import modeling_clip
 from ccafl_hf import CCAFLModel, build_tiny_tokenizer
 from ccafl_hf.data.synthetic import (
     CAPTION_WORDS,
-    _identity_look,
     colour_name,
     describe_look,
     identity_caption,
+    identity_look,
 )
 from ccafl_hf.pipeline import ModelArguments, build_model
 from ccafl_hf.tiny import TINY_VOCAB_WORDS
@@ -52,7 +52,7 @@ def test_captions_describe_the_look_with_known_words():
     words = set(re.findall(r"[a-z]+", " ".join(captions)))
     assert words == set(CAPTION_WORDS)  # every word is in the vocabulary, and every listed word is used
     assert len(set(captions)) > 390  # captions tell people apart
-    look = _identity_look(1, 7)
+    look = identity_look(1, 7)
     caption = describe_look(look)
     assert f"{colour_name(look.top)} top" in caption and f"{colour_name(look.shoes)} shoes" in caption
     assert caption == identity_caption(1, 7)  # a function of (seed, pid)

@@ -302,11 +302,11 @@ def test_build_model_seed_overrides_and_errors():
 
 def test_card_base_model_only_for_hub_ids(tmp_path):
     """The card's ``base_model`` links a Hub model; built-in tiny models and local folders are left out."""
-    from ccafl_hf.model_card import _hub_base_model
+    from ccafl_hf.model_card import hub_base_model
 
-    assert _hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
-    assert _hub_base_model("tiny") is None and _hub_base_model("tiny-pretrained") is None
-    assert _hub_base_model(str(tmp_path)) is None
+    assert hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert hub_base_model("tiny") is None and hub_base_model("tiny-pretrained") is None
+    assert hub_base_model(str(tmp_path)) is None
 
 
 def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):

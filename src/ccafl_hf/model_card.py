@@ -65,7 +65,7 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
         datasets=[HUB_DATASETS[dataset]] if dataset in HUB_DATASETS else None,
         model_name=repo_id,
         eval_results=eval_results,
-        base_model=_hub_base_model(model_args.model_name_or_path),
+        base_model=hub_base_model(model_args.model_name_or_path),
     )
     vision = model.config.vision_config
     architecture = (
@@ -107,7 +107,7 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
     )
 
 
-def _hub_base_model(name: str) -> str | None:
+def hub_base_model(name: str) -> str | None:
     """``name`` when it is a Hub model id (the card's ``base_model``); None for the built-in tiny models
     and local folders, which the Hub could not link to."""
     if name in ("tiny", "tiny-rn50", TINY_PRETRAINED_NAME) or Path(name).exists():
@@ -115,4 +115,4 @@ def _hub_base_model(name: str) -> str | None:
     return name
 
 
-__all__ = ["render_model_card"]
+__all__ = ["hub_base_model", "render_model_card"]

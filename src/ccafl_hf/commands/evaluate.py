@@ -47,10 +47,11 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 
 def format_metrics(metrics: dict) -> str:
-    """Two lines: the metric names and their values in percent."""
-    keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
-    head = "".join(f"{k:>9}" for k in keys)
-    values = "".join(f"{100 * metrics[k]:>8.1f}%" for k in keys)
+    """Two lines: the names of `METRIC_KEYS` and their values in percent."""
+    from ..evaluation import METRIC_KEYS
+
+    head = "".join(f"{k:>9}" for k in METRIC_KEYS)
+    values = "".join(f"{100 * metrics[k]:>8.1f}%" for k in METRIC_KEYS)
     return f"{head}\n{values}"
 
 
