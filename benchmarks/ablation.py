@@ -23,7 +23,7 @@ checks (``--check`` requires them on every seed) and, for information, the promp
 alone (see the README for why that one is negative on the synthetic data).
 
 The demo preset starts from ``tiny-pretrained``: the tiny CLIP pre-trained contrastively on captioned
-synthetic people of a *disjoint* population (`ccafl_hf.pretraining`), standing in for CLIP's
+synthetic people of a *disjoint* population (`ccafl_hf.tiny.pretraining`), standing in for CLIP's
 pre-training; the runs themselves see only intra-camera labels of their own training data. To
 ablate from a randomly initialised tower instead (no vision–language prior: nothing for the prompts
 to transfer; see the README), pass ``-- --model_name_or_path tiny --config_overrides

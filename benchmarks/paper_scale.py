@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ccafl_hf import CCAFLConfig, CCAFLModel, build_reid_processor
-from ccafl_hf.association import associate_across_cameras
+from ccafl_hf.association import associate_across_cameras, identity_mean_features
 from ccafl_hf.cli import parse_train_args
 from ccafl_hf.data import (
     RandomIdentitySampler,
@@ -57,11 +57,11 @@ from ccafl_hf.data import (
     dataset_summary,
     load_reid_dataset,
 )
-from ccafl_hf.inference import autocast_context, evaluate_reid_model, extract_features
+from ccafl_hf.evaluation import autocast_context, evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
 from ccafl_hf.prompts import IdentityPromptLearner
-from ccafl_hf.trainers import CCAFLForTraining, identity_mean_features, set_image_stage_trainable
+from ccafl_hf.trainers import CCAFLForTraining, set_image_stage_trainable
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {

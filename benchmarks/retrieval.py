@@ -1,6 +1,6 @@
 """Benchmark of using a trained model (issue 9 targets).
 
-(a) Feature extraction throughput (images/s) through `ccafl_hf.inference.extract_features` for the
+(a) Feature extraction throughput (images/s) through `ccafl_hf.evaluation.extract_features` for the
     tiny demo model and the ViT-B/16 architecture (random init from a config, no download), fp32
     versus bf16 autocast, reported as a ratio. Inputs are preprocessed tensors in memory, so the
     figure is the model's; for the tiny model the end-to-end rate from JPEG files (decode + resize +
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ccafl_hf import CCAFLConfig, CCAFLModel, create_tiny_model
-from ccafl_hf.inference import extract_features
+from ccafl_hf.evaluation import extract_features
 from ccafl_hf.retrieval import FeatureSet, build_index, embed_images, search, search_gallery
 
 

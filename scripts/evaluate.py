@@ -10,7 +10,7 @@ Runs under `accelerate launch` too (each process embeds a share). `--help` lists
 
 import sys
 
-from ccafl_hf.retrieval_cli import evaluate_main
+from ccafl_hf.commands.evaluate import evaluate_main
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

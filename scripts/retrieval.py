@@ -12,7 +12,7 @@
 
 import sys
 
-from ccafl_hf.retrieval_cli import retrieval_main
+from ccafl_hf.commands.retrieval import retrieval_main
 
 if __name__ == "__main__":
     sys.exit(retrieval_main())

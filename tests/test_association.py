@@ -1,4 +1,4 @@
-"""Cross-camera association against a slow dense implementation written from METHOD.md §5."""
+"""Cross-camera association against a slow dense implementation written from docs/method.md §5."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ccafl_hf.association import associate_across_cameras, association_diagnosti
 
 
 def _dense_reference(features: np.ndarray, cameras: np.ndarray, num_pairs: int) -> tuple[np.ndarray, list]:
-    """METHOD.md §5 steps 1-4, literally: full N x N matrix, sort, Python walk, union-find."""
+    """docs/method.md §5 steps 1-4, literally: full N x N matrix, sort, Python walk, union-find."""
     x = np.asarray(features, dtype=np.float64)
     n = len(x)
     sq = (x * x).sum(1)

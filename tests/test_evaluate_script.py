@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from ccafl_hf import create_tiny_model
+from ccafl_hf.commands.evaluate import evaluate_main
 from ccafl_hf.data import ReIDCollator, build_eval_transform
-from ccafl_hf.inference import evaluate_reid_model
+from ccafl_hf.evaluation import evaluate_reid_model
 from ccafl_hf.retrieval import FeatureSet
-from ccafl_hf.retrieval_cli import evaluate_main
 from synthetic_options import SMALL_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_evaluate_reproduces_the_library(saved_model, small_synthetic, tmp_path,
 
     if not extra:
         layout_rows = min(3, expected["num_valid_queries"])
-        from ccafl_hf.visualization import RankedListLayout
+        from ccafl_hf.evaluation.visualization import RankedListLayout
 
         assert Image.open(tmp_path / "lists" / "worst.png").size == RankedListLayout().picture_size(layout_rows, 4)
         assert (tmp_path / "lists" / "best.png").is_file()
@@ -130,7 +130,7 @@ def _corrupt(kind: str, folder: Path) -> str:
 def test_damaged_model_folder_is_one_line_naming_the_file(saved_model, tmp_path, capsys, kind):
     import shutil
 
-    from ccafl_hf.retrieval_cli import retrieval_main
+    from ccafl_hf.commands import retrieval_main
 
     folder, _, _ = saved_model
     damaged = tmp_path / "damaged"

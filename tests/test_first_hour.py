@@ -96,7 +96,7 @@ def test_export_onnx_without_onnx_names_the_install_command(saved_folder, tmp_pa
     result = _run(f"""
         import sys
         sys.modules["onnx"] = None  # as if onnx were not installed
-        from ccafl_hf.retrieval_cli import retrieval_main
+        from ccafl_hf.commands.retrieval import retrieval_main
         # a real model folder, and one that does not exist: the check comes before the model is loaded
         for model in ({str(out)!r}, {str(tmp_path / "no-such-model")!r}):
             print(retrieval_main(["export-onnx", "--model", model, "--output", {str(output)!r}]))

@@ -1,4 +1,4 @@
-"""Losses of METHOD.md §3–§5 against slow per-sample loops written directly from the spec."""
+"""Losses of docs/method.md §3–§5 against slow per-sample loops written directly from the spec."""
 
 from __future__ import annotations
 

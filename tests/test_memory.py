@@ -1,4 +1,4 @@
-"""Memories and the global-ID classifier (METHOD.md §4, §5) against slow loops written from the spec."""
+"""Memories and the global-ID classifier (docs/method.md §4, §5) against slow loops written from the spec."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccafl_hf.memory import CameraMemory, ClusterMemory, IdentityClassifier
+from ccafl_hf.classifier import IdentityClassifier
+from ccafl_hf.memory import CameraMemory, ClusterMemory
 
 IDENTITY_CAMIDS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
 N, D = IDENTITY_CAMIDS.numel(), 6

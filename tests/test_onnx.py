@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ccafl_hf import create_tiny_model
-from ccafl_hf.onnx_export import export_onnx, verify_onnx
+from ccafl_hf.retrieval.onnx import export_onnx, verify_onnx
 
 onnxruntime = pytest.importorskip(
     "onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime): the parity check cannot run"

@@ -19,7 +19,8 @@ from ccafl_hf.data.synthetic import (
     identity_caption,
 )
 from ccafl_hf.pipeline import ModelArguments, build_model
-from ccafl_hf.pretraining import (
+from ccafl_hf.tiny import TINY_VOCAB_WORDS
+from ccafl_hf.tiny.pretraining import (
     PRETRAINING_FILE,
     SHIPPED_WEIGHTS,
     TinyCLIPPretrainingConfig,
@@ -31,7 +32,6 @@ from ccafl_hf.pretraining import (
     rebuild_shipped_weights,
     tiny_pretrained_architecture,
 )
-from ccafl_hf.processing import TINY_VOCAB_WORDS
 
 SMALL_RECIPE = TinyCLIPPretrainingConfig(num_identities=24, num_cameras=3, steps=200, batch_size=16,
                                          learning_rate=2e-3, warmup_steps=5)
@@ -131,7 +131,7 @@ def test_pretrained_model_is_cached_and_reused(pretrained, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pre-trained again instead of loading the cache")
 
-    monkeypatch.setattr("ccafl_hf.pretraining.pretrain_tiny_clip", fail)
+    monkeypatch.setattr("ccafl_hf.tiny.pretraining.pretrain_tiny_clip", fail)
     again, processor = load_tiny_pretrained(SMALL_RECIPE)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -143,7 +143,7 @@ def test_build_model_tiny_pretrained_loads_the_shipped_weights(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pre-trained instead of loading the shipped weights")
 
-    monkeypatch.setattr("ccafl_hf.pretraining.pretrain_tiny_clip", fail)
+    monkeypatch.setattr("ccafl_hf.tiny.pretraining.pretrain_tiny_clip", fail)
     built, processor = build_model(ModelArguments(model_name_or_path="tiny-pretrained"), seed=5)
     assert isinstance(built, CCAFLModel)
     shipped = load_file(str(SHIPPED_WEIGHTS))

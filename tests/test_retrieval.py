@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ccafl_hf.commands.retrieval import retrieval_main
 from ccafl_hf.retrieval import (
     FeatureSet,
     RetrievalError,
@@ -24,7 +25,6 @@ from ccafl_hf.retrieval import (
     search,
     search_gallery,
 )
-from ccafl_hf.retrieval_cli import retrieval_main
 
 
 def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:

@@ -12,10 +12,10 @@ from transformers import AutoImageProcessor, AutoModel
 
 from ccafl_hf import CCAFLModel
 from ccafl_hf.cli import train_main
+from ccafl_hf.commands import evaluate_main, retrieval_main
 from ccafl_hf.data import ReIDCollator, build_eval_transform
-from ccafl_hf.inference import evaluate_reid_model
+from ccafl_hf.evaluation import evaluate_reid_model
 from ccafl_hf.retrieval import FeatureSet
-from ccafl_hf.retrieval_cli import evaluate_main, retrieval_main
 from synthetic_options import SMALL_SYNTHETIC
 
 RUN = [

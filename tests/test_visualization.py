@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ccafl_hf.evaluation import compute_reid_metrics
-from ccafl_hf.visualization import (
+from ccafl_hf.evaluation.visualization import (
     BACKGROUND,
     MATCH_COLOUR,
     MISMATCH_COLOUR,
@@ -65,7 +65,7 @@ def test_picture_has_the_expected_size_and_borders(solid_images, tmp_path):
 
 
 def test_short_rows_leave_blank_cells(solid_images):
-    from ccafl_hf.visualization import render_ranked_list
+    from ccafl_hf.evaluation.visualization import render_ranked_list
 
     layout = RankedListLayout()
     picture = render_ranked_list([RankedRow(solid_images[0], solid_images[1:2], [0.5])], layout, num_matches=4)

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModel
 from .configuration_ccafl import CCAFLConfig, CCAFLResNetVisionConfig
 from .modeling_ccafl import CCAFLModel, CCAFLOutput, resize_position_embeddings
 from .modeling_ccafl_resnet import CCAFLResNetVisionModel
-from .processing import build_image_processor, build_reid_processor, build_tiny_tokenizer, load_tokenizer
-from .tiny import create_tiny_model, tiny_config
+from .processing import build_image_processor, build_reid_processor, load_tokenizer
+from .tiny import build_tiny_tokenizer, create_tiny_model, tiny_config
 
 __version__ = "0.1.0"
 

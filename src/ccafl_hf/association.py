@@ -1,4 +1,4 @@
-"""Cross-camera association of intra-camera identities (METHOD.md §5, steps 1–4).
+"""Cross-camera association of intra-camera identities (docs/method.md §5, steps 1–4).
 
 Given one feature per intra-camera identity, the stage-3 pseudo-identities are built by
 
@@ -22,6 +22,9 @@ obtained from exact nearest-neighbour search (faiss) without ever materialising 
   are handled exactly too) and ordered by ``(distance, smaller index, larger index)``, which is the
   order a stable sort of the row-major upper triangle gives. A safety margin larger than the float32
   rounding error of the search makes the float32 search and the float64 ranking agree.
+
+Its inputs come from `identity_mean_features` (one L2-normalised mean feature per identity) and
+`camera_centered` (each camera's mean feature removed).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -190,7 +194,7 @@ def _pair_distances(x: np.ndarray, sqnorm: np.ndarray, a: np.ndarray, b: np.ndar
 
 
 def _greedy_walk(a: np.ndarray, b: np.ndarray, cam: np.ndarray, num_cams: int) -> np.ndarray:
-    """Indices of the accepted pairs among ``(a[t], b[t])`` walked in order (METHOD.md §5 step 3).
+    """Indices of the accepted pairs among ``(a[t], b[t])`` walked in order (docs/method.md §5 step 3).
 
     A pair is accepted only if ``a`` has no accepted partner in ``b``'s camera and ``b`` none in
     ``a``'s camera. The rule is inherently sequential; this is a tight loop over flat ``bytearray``
@@ -228,6 +232,25 @@ def _component_labels(pairs: np.ndarray, num_rows: int) -> np.ndarray:
     return labels
 
 
+# ------------------------------------------------------------------------------ identity features
+def camera_centered(features: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+    """Subtract each camera's mean row from ``features [N, D]`` (cameras ``[N]``) and L2-normalise."""
+    cameras = cameras.long().to(features.device)
+    num_cameras = int(cameras.max()) + 1
+    sums = torch.zeros(num_cameras, features.shape[1], device=features.device, dtype=features.dtype)
+    sums.index_add_(0, cameras, features)
+    counts = torch.bincount(cameras, minlength=num_cameras).clamp_min(1).to(features.dtype)
+    return F.normalize(features - (sums / counts[:, None])[cameras], dim=1)
+
+
+def identity_mean_features(features: torch.Tensor, intra_ids: torch.Tensor, num_identities: int) -> torch.Tensor:
+    """L2-normalised mean feature ``[N, D]`` of each intra-camera identity from image features ``[M, D]``."""
+    sums = torch.zeros(num_identities, features.shape[1], device=features.device, dtype=torch.float32)
+    sums.index_add_(0, intra_ids.long(), features.float())
+    return F.normalize(sums, dim=1)
+
+
+# ---------------------------------------------------------------------------------------- association
 def associate_across_cameras(
     features: np.ndarray | torch.Tensor,
     cameras: np.ndarray | torch.Tensor,
@@ -236,7 +259,7 @@ def associate_across_cameras(
     use_gpu: bool | None = None,
     return_pairs: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Pseudo-identities from cross-camera association (METHOD.md §5 steps 1–4), without an N x N matrix.
+    """Pseudo-identities from cross-camera association (docs/method.md §5 steps 1–4), without an N x N matrix.
 
     Args:
         features: ``[N, D]`` one feature per intra-camera identity (numpy or torch). The method
@@ -393,3 +416,6 @@ def association_diagnostics(
         out["num_accepted_pairs"] = int(len(p))
         out["pair_precision"] = float((pids[p[:, 0]] == pids[p[:, 1]]).mean()) if len(p) else float("nan")
     return out
+
+
+__all__ = ["associate_across_cameras", "association_diagnostics", "camera_centered", "identity_mean_features"]

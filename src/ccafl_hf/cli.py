@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .retrieval_cli import evaluate_main, retrieval_main
+from .commands import evaluate_main, retrieval_main
 
 logger = logging.getLogger("ccafl_hf")
 

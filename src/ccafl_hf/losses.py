@@ -1,4 +1,4 @@
-"""Loss functions of CCAFL (METHOD.md §3–§5), as pure functions.
+"""Loss functions of CCAFL (docs/method.md §3–§5), as pure functions.
 
 Every function casts its inputs to float32 and runs with autocast disabled, so the losses are exact
 under bf16/fp16 mixed precision; gradients flow back in the inputs' dtype. Nothing here loops over
@@ -162,7 +162,7 @@ def _check_smoothing(label_smoothing: float) -> None:
 def prompt_contrastive_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, intra_ids: torch.Tensor, camids: torch.Tensor
 ) -> torch.Tensor:
-    """Same-camera supervised contrastive loss between images and identity prompts (METHOD.md §3).
+    """Same-camera supervised contrastive loss between images and identity prompts (docs/method.md §3).
 
     For each camera ``c`` in the batch, with ``S_c`` its samples: image→text, every image ``i`` in
     ``S_c`` is contrasted against the texts of ``S_c`` (logits = raw dot products, temperature 1),
@@ -215,7 +215,7 @@ def intra_camera_image_text_loss(
     label_smoothing: float = 0.1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Image → own-camera identity texts, label-smoothed cross-entropy (METHOD.md §4).
+    """Image → own-camera identity texts, label-smoothed cross-entropy (docs/method.md §4).
 
     Logits of sample ``b`` are the dot products ``align_b . text_n`` for the ``N_c`` identities ``n``
     of its own camera ``c`` (all other identities are excluded from its softmax). Label smoothing is
@@ -254,7 +254,7 @@ def inter_camera_image_text_loss(
     labels: torch.Tensor,
     label_smoothing: float = 0.1,
 ) -> torch.Tensor:
-    """Image → pseudo-identity texts, label-smoothed cross-entropy over all ``C`` clusters (METHOD.md §5).
+    """Image → pseudo-identity texts, label-smoothed cross-entropy over all ``C`` clusters (docs/method.md §5).
 
     Args:
         align_features: ``[B, P]`` alignment features.
@@ -293,7 +293,7 @@ def batch_hard_triplet_loss(
     groups: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Batch-hard triplet loss with Euclidean distances (METHOD.md §4, §5).
+    """Batch-hard triplet loss with Euclidean distances (docs/method.md §4, §5).
 
     For every anchor ``a``: hardest positive = farthest other sample with the same label, hardest
     negative = closest sample with a different label; ``max(0, d_ap - d_an + margin)``. With
@@ -342,7 +342,7 @@ def centroid_triplet_loss(
     margin: float = 0.3,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Triplet loss against the camera memory's centroids (METHOD.md §4).
+    """Triplet loss against the camera memory's centroids (docs/method.md §4).
 
     ``max(0, ||f - c_y|| - min_{n != y, cam(n) = cam(y)} ||f - c_n|| + margin)`` with Euclidean
     distances, mean over the samples whose camera has at least one other identity. The centroids are
@@ -390,7 +390,7 @@ def adversarial_identity_loss(
     same_camera_tau: float = 0.2,
     epsilon: float = 0.8,
 ) -> torch.Tensor:
-    """Camera-adversarial loss on the global-ID classifier's cosines (METHOD.md §5).
+    """Camera-adversarial loss on the global-ID classifier's cosines (docs/method.md §5).
 
     For a sample of identity ``y`` (camera ``c``, pseudo-identity ``g``):
 

@@ -1,10 +1,8 @@
-"""Memories and the global-ID classifier of CCAFL (METHOD.md §4, §5).
+"""The memories of CCAFL (docs/method.md §4, §5); the global-ID classifier is in `ccafl_hf.classifier`.
 
 * `CameraMemory` — the ICDL camera memories: a centroid and ``I`` instance slots per intra-camera
   identity, with centroid and hard-instance losses restricted to the sample's own camera.
 * `ClusterMemory` — the ICAL global memory: one centroid per pseudo-identity.
-* `IdentityClassifier` — the cosine classifier over all ``N`` intra-camera identities whose cosines
-  feed the camera-adversarial loss.
 
 All state lives in registered buffers, so it is part of ``state_dict`` (checkpoints and resume carry
 it). Updates are ``@torch.no_grad()``, vectorised, and deterministic given their inputs; under several
@@ -24,7 +22,7 @@ from .losses import _check_labels, _check_matrix, _masked_mean, fp32_region, red
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CameraMemory", "ClusterMemory", "IdentityClassifier"]
+__all__ = ["CameraMemory", "ClusterMemory"]
 
 
 def _check_momentum(momentum: float) -> None:
@@ -55,7 +53,7 @@ def _rank_within_label(labels: torch.Tensor, num_labels: int) -> tuple[torch.Ten
 
 
 class CameraMemory(nn.Module):
-    """Per-camera identity memory of ICDL (METHOD.md §4), for all cameras at once.
+    """Per-camera identity memory of ICDL (docs/method.md §4), for all cameras at once.
 
     Buffers: ``centroids`` ``[N, D]`` (L2-normalised), ``instances`` ``[N, I, D]``, ``identity_camids``
     ``[N]``, ``pointers`` ``[N]`` (next instance slot of each identity) and ``initialized`` (bool).
@@ -258,7 +256,7 @@ class CameraMemory(nn.Module):
 
 
 class ClusterMemory(nn.Module):
-    """Global pseudo-identity memory of ICAL (METHOD.md §5).
+    """Global pseudo-identity memory of ICAL (docs/method.md §5).
 
     Buffer ``centroids`` ``[C, D]``; ``C`` changes with every association, so `reset` replaces the
     buffer and loading a ``state_dict`` resizes it to the checkpoint's ``C``.
@@ -360,58 +358,3 @@ class ClusterMemory(nn.Module):
         clusters = present.nonzero().squeeze(1)
         moved = self.momentum * self.centroids[clusters] + (1.0 - self.momentum) * x[hardest[clusters]]
         self.centroids[clusters] = F.normalize(moved, dim=1)
-
-
-class IdentityClassifier(nn.Module):
-    """Cosine classifier over all ``N`` intra-camera identities (the global-ID classifier, METHOD.md §5).
-
-    Trained every iteration of stages 2–3 on *detached* features (scale ``s``, margin 0) with its own
-    optimiser; its cosines of non-detached features drive the camera-adversarial loss.
-
-    Args:
-        num_identities: ``N``.
-        feature_dim: ``D``.
-        scale: ``s`` of the classification loss.
-    """
-
-    def __init__(self, num_identities: int, feature_dim: int, scale: float = 16.0):
-        super().__init__()
-        if num_identities <= 0 or feature_dim <= 0:
-            raise ValueError(f"num_identities and feature_dim must be positive, got {num_identities}, {feature_dim}")
-        self.num_identities = num_identities
-        self.feature_dim = feature_dim
-        self.scale = scale
-        self.weight = nn.Parameter(torch.empty(num_identities, feature_dim))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Random unit directions (the weights are L2-normalised in use, so only directions matter)."""
-        nn.init.normal_(self.weight, std=0.01)
-
-    def extra_repr(self) -> str:
-        return f"num_identities={self.num_identities}, feature_dim={self.feature_dim}, scale={self.scale}"
-
-    def cosines(self, features: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
-        """``[B, D]`` → ``[B, N]`` fp32 cosines between features and class weights.
-
-        With ``detach_weight`` no gradient reaches the classifier (used by the adversarial loss, whose
-        gradient must only move the encoder).
-        """
-        _check_matrix(features, "features", cols=self.feature_dim)
-        weight = self.weight.detach() if detach_weight else self.weight
-        with fp32_region(features.device):
-            return F.normalize(features.float(), dim=1) @ F.normalize(weight.float(), dim=1).t()
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` → ``[B, N]`` cosines (see `cosines`)."""
-        return self.cosines(features)
-
-    def classification_loss(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of ``s * cos`` (margin 0) on **detached** features ``[B, D]``; ``[B]`` labels.
-
-        The features are detached here, so this loss only trains the classifier weights.
-        """
-        _check_matrix(features, "features", cols=self.feature_dim)
-        _check_labels(intra_ids, "intra_ids", features.shape[0], upper=self.num_identities)
-        logits = self.scale * self.cosines(features.detach())
-        return F.cross_entropy(logits, intra_ids.long())

@@ -30,10 +30,9 @@ from .data import (
     dataset_summary,
     load_reid_dataset,
 )
-from .inference import METRIC_KEYS, evaluate_reid_model
+from .evaluation import METRIC_KEYS, evaluate_reid_model
 from .model_files import ModelFolderError, check_model_folder, load_checked
 from .modeling_ccafl import CCAFLModel
-from .pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .processing import build_reid_processor, load_tokenizer
 from .prompts import IdentityPromptLearner, load_text_features, save_text_features
 from .run_directory import (
@@ -46,6 +45,7 @@ from .run_directory import (
     write_json,
 )
 from .tiny import TINY_MODELS, create_tiny_model
+from .tiny.pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from .trainers import (
     CCAFLForTraining,
     CCAFLTrainer,

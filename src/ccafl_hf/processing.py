@@ -1,5 +1,7 @@
 """Preprocessing that travels with a checkpoint: ReID image processor and tokenizer.
 
+The tiny tokenizer built in code lives with the tiny models (`ccafl_hf.tiny.tokenizer`).
+
 `build_reid_processor` returns a `CLIPProcessor` whose image processor resizes to the model's
 (height, width) without centre crop, so `AutoProcessor.from_pretrained(folder)` and
 `AutoImageProcessor.from_pretrained(folder)` give the right preprocessing for a saved model.
@@ -8,73 +10,21 @@
 from __future__ import annotations
 
 import os
-import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from transformers import (
     AutoTokenizer,
     CLIPImageProcessor,
     CLIPProcessor,
-    CLIPTokenizer,
     PreTrainedTokenizerBase,
 )
 from transformers.image_utils import PILImageResampling
 
 from .configuration_ccafl import CCAFLConfig
 
-#: CLIP's own normalisation (METHOD.md §6: the natural choice for CLIP weights).
+#: CLIP's own normalisation (docs/method.md §6: the natural choice for CLIP weights).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-#: Words the tiny tokenizer keeps as single tokens; anything else falls back to characters.
-TINY_VOCAB_WORDS = ("a", "an", "photo", "picture", "of", "the", "person", "pedestrian", "man", "woman", "x")
-
-
-def build_tiny_tokenizer(words: Iterable[str] = TINY_VOCAB_WORDS) -> CLIPTokenizer:
-    """A small CLIP BPE tokenizer built in code (no download): whole-word tokens for ``words``
-    (covering the default prompt template), single characters for anything else."""
-    vocab: dict[str, int] = {}
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    for char in string.ascii_lowercase + string.digits + ".,!?'-":
-        add(char)
-        add(char + "</w>")
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in sorted({w.lower() for w in words}):
-        # BPE as the tokenizer runs it with the merges so far; then chain the pieces left to right.
-        # Appended merges rank last, so words added earlier still end as one token.
-        pieces = _bpe([*word[:-1], word[-1] + "</w>"], ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            add(pair[0] + pair[1])
-            pieces = [pair[0] + pair[1], *pieces[2:]]
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair merging of ``pieces`` with the merge ``ranks`` (lowest rank first, every occurrence)."""
-    while len(pieces) > 1:
-        pair = min(zip(pieces, pieces[1:]), key=lambda p: ranks.get(p, len(ranks) + 1))
-        if pair not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(pieces):
-            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
-                merged.append(pair[0] + pair[1])
-                i += 2
-            else:
-                merged.append(pieces[i])
-                i += 1
-        pieces = merged
-    return pieces
-
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer of a CLIP checkpoint or of a saved CCAFL folder (clear error when missing)."""
@@ -112,9 +62,13 @@ def build_reid_processor(
     image_std: Sequence[float] = CLIP_STD,
 ) -> CLIPProcessor:
     """`CLIPProcessor` for a CCAFL model: ReID-size image processor + tokenizer (tiny one if None)."""
+    if tokenizer is None:
+        from .tiny.tokenizer import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
     return CLIPProcessor(
         image_processor=build_image_processor(config.image_size, image_mean, image_std),
-        tokenizer=tokenizer if tokenizer is not None else build_tiny_tokenizer(),
+        tokenizer=tokenizer,
     )
 
 
@@ -123,6 +77,5 @@ __all__ = [
     "CLIP_STD",
     "build_image_processor",
     "build_reid_processor",
-    "build_tiny_tokenizer",
     "load_tokenizer",
 ]

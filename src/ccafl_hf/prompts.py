@@ -1,4 +1,4 @@
-"""Stage-1 identity prompts (METHOD.md §3) as PEFT prompt tuning.
+"""Stage-1 identity prompts (docs/method.md §3) as PEFT prompt tuning.
 
 Every intra-camera identity has its own prompt ``"A photo of a X X X X person."`` whose ``X``
 token embeddings are learnable. The vectors of all identities live in one PEFT
@@ -57,7 +57,7 @@ class IdentityPromptLearner(nn.Module):
             not registered as a submodule, so this module's state dict holds only the prompt vectors.
         tokenizer: the model's tokenizer (tokenises the template once).
         num_identities: number ``N`` of intra-camera identities.
-        init_std: standard deviation of the N(0, std) initialisation (METHOD.md: 0.02).
+        init_std: standard deviation of the N(0, std) initialisation (docs/method.md: 0.02).
     """
 
     def __init__(

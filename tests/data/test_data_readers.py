@@ -27,7 +27,7 @@ def names(split):
 
 
 def intra_index_reference(camids, labels):
-    """METHOD.md §1 literally: walk cameras in order, local ids in order, count up."""
+    """docs/method.md §1 literally: walk cameras in order, local ids in order, count up."""
     table, n = {}, 0
     for cam in sorted(set(camids)):
         for local in sorted({lab for c, lab in zip(camids, labels) if c == cam}):

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ccafl_hf
-from ccafl_hf.evaluation import compute_reid_metrics
+from ccafl_hf.evaluation import REID_METRIC_PATH, compute_reid_metrics
 
 evaluate = pytest.importorskip("evaluate")
 
-MODULE_DIR = Path(ccafl_hf.__file__).parent / "metrics" / "reid"
+MODULE_DIR = Path(REID_METRIC_PATH)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Market-1501-protocol metrics against a slow per-query loop written from METHOD.md §1."""
+"""Market-1501-protocol metrics against a slow per-query loop written from docs/method.md §1."""
 
 from __future__ import annotations
 

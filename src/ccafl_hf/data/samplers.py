@@ -1,4 +1,4 @@
-"""P×K sampling over intra-camera identities (METHOD.md §4): every batch holds P distinct
+"""P×K sampling over intra-camera identities (docs/method.md §4): every batch holds P distinct
 intra-camera identities with K images each.
 
 How an epoch is built (all vectorised, from a private `torch.Generator` seeded by ``(seed, epoch)``):

@@ -1,4 +1,4 @@
-"""Train and evaluation transforms (torchvision ``transforms.v2``), METHOD.md §6.
+"""Train and evaluation transforms (torchvision ``transforms.v2``), docs/method.md §6.
 
 Both take a decoded RGB `PIL.Image` and return a normalised ``[3, H, W]`` float32 tensor. The image
 is turned into a uint8 tensor first, so resizing, padding and cropping run on tensors (faster than
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
-REFERENCE_HEIGHT = 256  # METHOD.md §6: 256×128 inputs …
+REFERENCE_HEIGHT = 256  # docs/method.md §6: 256×128 inputs …
 REFERENCE_PADDING = 10  # … padded by 10 px before the random crop
 
 
@@ -42,9 +42,9 @@ def build_train_transform(
     random crop back, scale to [0, 1], normalise, random erasing (``erasing_p``, area
     ``erasing_scale``, aspect ``erasing_ratio``; erased pixels become 0, the mean colour).
     ``color_jitter > 0`` adds brightness/contrast/saturation jitter of that strength and hue jitter
-    of a quarter of it (an extension, off in METHOD.md's recipe).
+    of a quarter of it (an extension, off in docs/method.md's recipe).
 
-    ``padding=None`` keeps the reference's geometry at any input size: 10 px at height 256 (METHOD.md
+    ``padding=None`` keeps the reference's geometry at any input size: 10 px at height 256 (docs/method.md
     §6), scaled with ``height`` (2 px at 64×32). A fixed 10 px would shift a 64×32 person by up to a
     third of its width, which measurably slows learning of the tiny demo model.
 

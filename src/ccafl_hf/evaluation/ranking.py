@@ -1,4 +1,4 @@
-"""Market-1501-protocol retrieval metrics (METHOD.md §1) that scale to MSMT17 and beyond.
+"""Market-1501-protocol retrieval metrics (docs/method.md §1) that scale to MSMT17 and beyond.
 
 Protocol: for every query, the gallery images with the same identity **and** the same camera are
 removed; the remaining gallery images with the query's identity are its *positives* (distractors,

@@ -7,7 +7,7 @@ Stage 1: [`PromptLearningTrainer`]. Stages 2–3: [`CCAFLTrainer`], one loop of 
 
 from .arguments import MIXED_PRECISIONS, OPTIMIZERS, STAGES, CCAFLTrainingArguments, parse_stages
 from .base import CCAFLTrainer, FixedLengthSampler, ICALTrainer, ICDLTrainer
-from .objectives import ICALObjective, ICDLObjective, StageObjective, camera_centered, identity_mean_features
+from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .prompt_learning import FeatureCache, PromptLearningTrainer
 from .training_module import CCAFLForTraining, set_image_stage_trainable
 
@@ -26,8 +26,6 @@ __all__ = [
     "ICDLTrainer",
     "PromptLearningTrainer",
     "StageObjective",
-    "camera_centered",
-    "identity_mean_features",
     "parse_stages",
     "set_image_stage_trainable",
 ]

@@ -1,4 +1,4 @@
-"""Training arguments of the three CCAFL stages (METHOD.md §3–§6), as a `TrainingArguments` subclass.
+"""Training arguments of the three CCAFL stages (docs/method.md §3–§6), as a `TrainingArguments` subclass.
 
 Defaults are the reference settings for Market-1501; per-dataset values come from the packaged
 presets (`ccafl_hf/presets/*.json`), never from `if dataset == ...` branches. Epoch numbers of the
@@ -88,7 +88,7 @@ class CCAFLTrainingArguments(TrainingArguments):
                 "CPU). --bf16/--fp16 still work. Losses are always computed in fp32."),
     )
 
-    # ------------------------------------------------------------------ augmentation (METHOD.md §6)
+    # ------------------------------------------------------------------ augmentation (docs/method.md §6)
     random_erasing_prob: float = field(default=0.5, **_help("Probability of random erasing in the train transform."))
     color_jitter: float = field(
         default=0.0,
@@ -96,7 +96,7 @@ class CCAFLTrainingArguments(TrainingArguments):
                 "quarter of it) in the train transform; 0 = off."),
     )
 
-    # ------------------------------------------------------------------ losses (METHOD.md §4–§5)
+    # ------------------------------------------------------------------ losses (docs/method.md §4–§5)
     memory_temperature: float = field(default=0.05, **_help("τ of camera and global memories."))
     memory_momentum: float = field(default=0.1, **_help("m: centroid ← m·old + (1−m)·new."))
     memory_instances: int = field(default=32, **_help("I: instance slots per identity in the camera memories."))

@@ -1,4 +1,4 @@
-"""`CCAFLTrainer`: stages 2–3 (ICDL epochs, then ICAL epochs) as ONE training loop (METHOD.md §6).
+"""`CCAFLTrainer`: stages 2–3 (ICDL epochs, then ICAL epochs) as ONE training loop (docs/method.md §6).
 
 One optimiser, one learning-rate schedule and one grad scaler run through the whole loop; the active
 objective ([`ICDLObjective`] / [`ICALObjective`]) switches at the epoch boundary. The trainer owns its
@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..data import RandomIdentitySampler
-from ..inference import METRIC_KEYS, evaluate_reid_model
+from ..evaluation import METRIC_KEYS, evaluate_reid_model
 from .arguments import CCAFLTrainingArguments
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable

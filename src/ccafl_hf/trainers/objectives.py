@@ -1,5 +1,5 @@
 """The objectives of stages 2 and 3: which losses one epoch trains with, how the state they read is
-prepared at the start of the epoch, and how the memories follow each step (METHOD.md §4–§6).
+prepared at the start of the epoch, and how the memories follow each step (docs/method.md §4–§6).
 
 An objective holds hyper-parameters only; the state it reads and writes (memories, pseudo-labels,
 text features) lives in [`CCAFLForTraining`] so `state_dict` and checkpoints carry it. The
@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import broadcast
 
-from ..association import associate_across_cameras, association_diagnostics
-from ..inference import extract_features
+from ..association import (
+    associate_across_cameras,
+    association_diagnostics,
+    camera_centered,
+    identity_mean_features,
+)
+from ..evaluation import extract_features
 from ..losses import (
     adversarial_identity_loss,
     batch_hard_triplet_loss,
@@ -34,23 +38,6 @@ if TYPE_CHECKING:
     from .training_module import CCAFLForTraining
 
 logger = logging.getLogger(__name__)
-
-
-def camera_centered(features: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
-    """Subtract each camera's mean row from ``features [N, D]`` (cameras ``[N]``) and L2-normalise."""
-    cameras = cameras.long().to(features.device)
-    num_cameras = int(cameras.max()) + 1
-    sums = torch.zeros(num_cameras, features.shape[1], device=features.device, dtype=features.dtype)
-    sums.index_add_(0, cameras, features)
-    counts = torch.bincount(cameras, minlength=num_cameras).clamp_min(1).to(features.dtype)
-    return F.normalize(features - (sums / counts[:, None])[cameras], dim=1)
-
-
-def identity_mean_features(features: torch.Tensor, intra_ids: torch.Tensor, num_identities: int) -> torch.Tensor:
-    """L2-normalised mean feature ``[N, D]`` of each intra-camera identity from image features ``[M, D]``."""
-    sums = torch.zeros(num_identities, features.shape[1], device=features.device, dtype=torch.float32)
-    sums.index_add_(0, intra_ids.long(), features.float())
-    return F.normalize(sums, dim=1)
 
 
 class StageObjective:
@@ -221,4 +208,4 @@ class ICALObjective(StageObjective):
             module.cluster_memory.update(features, module.pseudo_labels[intra_ids.to(module.pseudo_labels.device)])
 
 
-__all__ = ["ICALObjective", "ICDLObjective", "StageObjective", "camera_centered", "identity_mean_features"]
+__all__ = ["ICALObjective", "ICDLObjective", "StageObjective"]

@@ -1,4 +1,4 @@
-"""Stage 1 — identity prompt learning on cached image features (METHOD.md §3)."""
+"""Stage 1 — identity prompt learning on cached image features (docs/method.md §3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
-from ..inference import extract_features
+from ..evaluation import extract_features
 from ..losses import prompt_contrastive_loss
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner

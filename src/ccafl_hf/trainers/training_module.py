@@ -15,7 +15,8 @@ import logging
 import torch
 from torch import nn
 
-from ..memory import CameraMemory, ClusterMemory, IdentityClassifier
+from ..classifier import IdentityClassifier
+from ..memory import CameraMemory, ClusterMemory
 from ..modeling_ccafl import CCAFLModel
 from .arguments import CCAFLTrainingArguments
 from .objectives import StageObjective
@@ -47,7 +48,7 @@ def set_image_stage_trainable(model: CCAFLModel, freeze_patch_embedding: bool = 
 
 
 class CCAFLForTraining(nn.Module):
-    """Training wrapper of stages 2–3 (METHOD.md §4–§5).
+    """Training wrapper of stages 2–3 (docs/method.md §4–§5).
 
     Args:
         model: the `CCAFLModel` being trained (image tower + neck train; text tower frozen).

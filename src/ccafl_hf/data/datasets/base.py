@@ -2,7 +2,7 @@
 identity index, sanity checks, and assembly of the three splits into a `datasets.DatasetDict`.
 
 A reader only has to turn its release into three `SplitRecords` (paths, labels, cameras); the
-checks and the label bookkeeping of METHOD.md §1 live here, once.
+checks and the label bookkeeping of docs/method.md §1 live here, once.
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def ordered_codes(values: Sequence) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ labels and checks
 def intra_camera_index(camids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The intra-camera identity index of METHOD.md §1.
+    """The intra-camera identity index of docs/method.md §1.
 
     Args:
         camids: ``[M]`` 0-based camera of each training image.

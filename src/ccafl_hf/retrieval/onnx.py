@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modeling_ccafl import CCAFLModel
+from ..modeling_ccafl import CCAFLModel
 
 logger = logging.getLogger(__name__)
 

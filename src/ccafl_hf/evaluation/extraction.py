@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .modeling_ccafl import CCAFLModel
+from ..modeling_ccafl import CCAFLModel
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +153,11 @@ def evaluate_reid_model(
     accelerator=None,
     progress: bool = True,
 ) -> dict:
-    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (METHOD.md §1).
+    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (docs/method.md §1).
 
     Returns the dict of `ccafl_hf.evaluation.compute_reid_metrics` (``mAP``, ``rank1``, …, fractions).
     """
-    from .evaluation import compute_reid_metrics
+    from .ranking import compute_reid_metrics
 
     common = dict(batch_size=batch_size, num_workers=num_workers, mixed_precision=mixed_precision, flip=flip,
                   accelerator=accelerator, progress=progress)

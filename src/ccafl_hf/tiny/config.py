@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from transformers import CLIPProcessor, PreTrainedTokenizerBase
 
-from .configuration_ccafl import CCAFLConfig
-from .modeling_ccafl import CCAFLModel
-from .processing import build_reid_processor, build_tiny_tokenizer
+from ..configuration_ccafl import CCAFLConfig
+from ..modeling_ccafl import CCAFLModel
+from ..processing import build_reid_processor
+from .tokenizer import build_tiny_tokenizer
 
 #: ``--model_name_or_path`` names of the randomly initialised tiny models → their image tower.
 TINY_MODELS = {"tiny": "vit", "tiny-rn50": "rn50"}

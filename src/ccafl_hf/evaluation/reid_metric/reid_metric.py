@@ -1,6 +1,6 @@
 """Person re-identification retrieval metrics (Market-1501 protocol) as a Hugging Face `evaluate` module.
 
-Load it offline from its folder: ``evaluate.load("<path to ccafl_hf/metrics/reid>")``. It wraps
+Load it offline from its folder: ``evaluate.load(ccafl_hf.evaluation.REID_METRIC_PATH)``. It wraps
 `ccafl_hf.evaluation.compute_reid_metrics`, so the numbers are the package's own.
 """
 
@@ -35,7 +35,7 @@ Returns:
     cmc: list of max_rank fractions (CMC@1..max_rank);
     num_valid_queries, num_skipped_queries: queries with / without a match in another camera.
 Examples:
-    >>> reid = evaluate.load("path/to/ccafl_hf/metrics/reid")
+    >>> reid = evaluate.load("path/to/ccafl_hf/evaluation/reid_metric")
     >>> out = reid.compute(embeddings=[[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]], pids=[1, 2, 1, 2],
     ...                    camids=[0, 0, 1, 1], is_query=[True, True, False, False])
     >>> out["mAP"], out["rank1"]

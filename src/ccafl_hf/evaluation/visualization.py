@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .data import load_image
+from ..data import load_image
+from ..data.images import ImageSource
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class RankedRow:
         scores: their similarity scores.
         matches: per match, whether it shows the query's identity (``None``: unknown, neutral borders).
         caption: text under the query (e.g. ``"AP 0.42"``); default ``"query"``.
+        query_image / gallery_images: what is drawn when the images are not files (a `load_image`
+            source each, e.g. a 🤗 datasets image value); default: the files at the paths, which then
+            only name the images.
     """
 
     query_path: str
@@ -91,12 +95,16 @@ class RankedRow:
     scores: Sequence[float]
     matches: Sequence[bool] | None = None
     caption: str | None = None
+    query_image: ImageSource | None = None
+    gallery_images: Sequence[ImageSource] | None = None
 
     def __post_init__(self) -> None:
         if len(self.scores) != len(self.gallery_paths):
             raise ValueError(f"{len(self.scores)} scores for {len(self.gallery_paths)} gallery paths")
         if self.matches is not None and len(self.matches) != len(self.gallery_paths):
             raise ValueError(f"{len(self.matches)} match flags for {len(self.gallery_paths)} gallery paths")
+        if self.gallery_images is not None and len(self.gallery_images) != len(self.gallery_paths):
+            raise ValueError(f"{len(self.gallery_images)} gallery images for {len(self.gallery_paths)} gallery paths")
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -106,8 +114,8 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, origin: tuple[int, int], path: str, colour: Colour,
-               text: str, layout: RankedListLayout, font) -> None:
+def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, origin: tuple[int, int], image: ImageSource,
+               name: str, colour: Colour, text: str, layout: RankedListLayout, font) -> None:
     x, y = origin
     height, width = layout.thumb_size
     cell_w, _ = layout.cell_size
@@ -115,7 +123,7 @@ def _draw_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, origin: tuple[int
     draw.rectangle((x, y, x + cell_w - 1, y + box_h - 1), fill=colour)
     draw.rectangle((x + layout.border, y + layout.border, x + layout.border + width - 1,
                     y + layout.border + height - 1), fill=BACKGROUND)
-    thumb = ImageOps.contain(load_image(path), (width, height), Image.Resampling.BICUBIC)
+    thumb = ImageOps.contain(load_image(image, name=name), (width, height), Image.Resampling.BICUBIC)
     canvas.paste(thumb, (x + layout.border + (width - thumb.width) // 2, y + layout.border + (height - thumb.height) // 2))
     if text and layout.text_height > 0:
         draw.text((x + cell_w / 2, y + box_h + layout.text_height / 2), text, fill=TEXT_COLOUR, font=font, anchor="mm")
@@ -133,14 +141,16 @@ def render_ranked_list(rows: Sequence[RankedRow], layout: RankedListLayout | Non
     draw = ImageDraw.Draw(canvas)
     font = _font(layout.text_height - 3)
     for r, row in enumerate(rows):
-        _draw_cell(canvas, draw, layout.cell_origin(r, 0), row.query_path, QUERY_COLOUR,
+        query = row.query_image if row.query_image is not None else row.query_path
+        _draw_cell(canvas, draw, layout.cell_origin(r, 0), query, row.query_path, QUERY_COLOUR,
                    row.caption if row.caption is not None else "query", layout, font)
-        for c, (path, score) in enumerate(zip(row.gallery_paths[:k], row.scores[:k]), start=1):
+        gallery = row.gallery_images if row.gallery_images is not None else row.gallery_paths
+        for c, (path, image, score) in enumerate(zip(row.gallery_paths[:k], gallery[:k], row.scores[:k]), start=1):
             if row.matches is None:
                 colour = NEUTRAL_COLOUR
             else:
                 colour = MATCH_COLOUR if row.matches[c - 1] else MISMATCH_COLOUR
-            _draw_cell(canvas, draw, layout.cell_origin(r, c), path, colour, f"{score:.3f}", layout, font)
+            _draw_cell(canvas, draw, layout.cell_origin(r, c), image, path, colour, f"{score:.3f}", layout, font)
     return canvas
 
 
@@ -186,7 +196,7 @@ def rank_gallery(
     """Rank the gallery for every query by cosine similarity, as the evaluation does.
 
     ``query_features [Q, D]``, ``gallery_features [G, D]``, ids ``[Q]`` / ``[G]``. Gallery images of
-    the query's identity *and* camera are removed (METHOD.md §1); ties keep gallery order. The mean
+    the query's identity *and* camera are removed (docs/method.md §1); ties keep gallery order. The mean
     of the finite ``average_precision`` is the mAP of `ccafl_hf.evaluation.compute_reid_metrics`.
     Queries are processed ``chunk_size`` at a time (default: ~256 MB of scratch).
     """
@@ -238,8 +248,13 @@ def select_queries(average_precision: torch.Tensor, num: int, which: Literal["wo
 
 
 def ranked_rows(ranking: QueryRanking, selected: Sequence[int] | torch.Tensor, query_paths: Sequence[str],
-                gallery_paths: Sequence[str]) -> list[RankedRow]:
-    """`RankedRow`s of the ``selected`` queries of ``ranking``, captioned with their AP."""
+                gallery_paths: Sequence[str], query_images: Sequence[ImageSource] | None = None,
+                gallery_images: Sequence[ImageSource] | None = None) -> list[RankedRow]:
+    """`RankedRow`s of the ``selected`` queries of ``ranking``, captioned with their AP.
+
+    ``query_images`` / ``gallery_images`` (indexed like the paths, e.g. `split_image_sources`) are
+    drawn instead of the files at the paths when given.
+    """
     rows = []
     for q in torch.as_tensor(selected).tolist():
         keep = ranking.indices[q] >= 0
@@ -247,15 +262,32 @@ def ranked_rows(ranking: QueryRanking, selected: Sequence[int] | torch.Tensor, q
         rows.append(RankedRow(
             query_paths[q], [gallery_paths[j] for j in idx], ranking.scores[q][keep].tolist(),
             ranking.matches[q][keep].tolist(), f"AP {float(ranking.average_precision[q]):.2f}",
+            None if query_images is None else query_images[q],
+            None if gallery_images is None else [gallery_images[j] for j in idx],
         ))
     return rows
 
 
+def split_image_sources(split) -> Sequence[ImageSource]:
+    """The images of a `load_reid_dataset` split, indexed like its rows: the values of its ``image``
+    column where the split stores its images (the ``hf`` reader; read row by row, not all at once),
+    else its ``image_path`` files."""
+    columns = getattr(split, "column_names", None) or []
+    if "image" in columns:
+        return split["image"]
+    if "image_path" not in columns:
+        raise ValueError(f"the split needs an 'image' or 'image_path' column, got columns {columns}")
+    return split["image_path"][:]
+
+
 def save_worst_and_best(directory: str | os.PathLike, ranking: QueryRanking, query_paths: Sequence[str],
-                        gallery_paths: Sequence[str], num: int = 10,
-                        layout: RankedListLayout | None = None) -> dict[str, Path]:
+                        gallery_paths: Sequence[str], num: int = 10, layout: RankedListLayout | None = None, *,
+                        query_images: Sequence[ImageSource] | None = None,
+                        gallery_images: Sequence[ImageSource] | None = None) -> dict[str, Path]:
     """Write ``worst.png`` and ``best.png`` (``num`` queries each, by AP) and ``ranked_lists.json``
-    (the pictured queries, their AP and matches) into ``directory``. Returns the written paths."""
+    (the pictured queries, their AP and matches) into ``directory``. Returns the written paths.
+
+    ``query_images`` / ``gallery_images``: see `ranked_rows` (images not stored as files)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -265,7 +297,7 @@ def save_worst_and_best(directory: str | os.PathLike, ranking: QueryRanking, que
         if selected.numel() == 0:
             logger.warning("no evaluated query: %s.png not written", which)
             continue
-        rows = ranked_rows(ranking, selected, query_paths, gallery_paths)
+        rows = ranked_rows(ranking, selected, query_paths, gallery_paths, query_images, gallery_images)
         written[which] = save_ranked_list(directory / f"{which}.png", rows, layout, ranking.indices.shape[1])
         summary[which] = [
             {"query": r.query_path, "query_index": int(q), "average_precision": float(ranking.average_precision[q]),
@@ -292,4 +324,5 @@ __all__ = [
     "save_ranked_list",
     "save_worst_and_best",
     "select_queries",
+    "split_image_sources",
 ]

@@ -10,13 +10,13 @@ pairs — on a synthetic population that is *disjoint* from the ReID data (other
 cameras). Captions are attribute descriptions of each person's true look
 (`ccafl_hf.data.synthetic.describe_look`); no ReID label of the training data is ever used.
 
-The weights of the default recipe ship with the package (``weights/tiny-pretrained.safetensors``,
+The weights of the default recipe ship with the package (``tiny/tiny-pretrained.safetensors``,
 well under 1 MB, made by this module's own recipe), so loading them takes no time::
 
-    from ccafl_hf.pretraining import load_tiny_pretrained
+    from ccafl_hf.tiny.pretraining import load_tiny_pretrained
     model, processor = load_tiny_pretrained()
 
-Rebuild the shipped file from the recipe with ``python -m ccafl_hf.pretraining`` (about ten
+Rebuild the shipped file from the recipe with ``python -m ccafl_hf.tiny.pretraining`` (about ten
 minutes on one CPU thread; on the same torch build and CPU the result is bit-identical). Any other
 recipe is pre-trained on first use and cached in ``$CCAFL_HF_CACHE/models/tiny-pretrained-<fingerprint>``
 (default cache ``~/.cache/ccafl_hf``).
@@ -40,12 +40,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPProcessor, get_cosine_schedule_with_warmup
 
-from .cache import cache_dir, fingerprint, write_folder_atomically
-from .data import ReIDCollator, build_eval_transform, load_reid_dataset
-from .data.synthetic import CAPTION_WORDS, identity_caption
-from .modeling_ccafl import CCAFLModel
-from .processing import TINY_VOCAB_WORDS, build_tiny_tokenizer
-from .tiny import create_tiny_model
+from ..cache import cache_dir, fingerprint, write_folder_atomically
+from ..data import ReIDCollator, build_eval_transform, load_reid_dataset
+from ..data.synthetic import CAPTION_WORDS, identity_caption
+from ..modeling_ccafl import CCAFLModel
+from .config import create_tiny_model
+from .tokenizer import TINY_VOCAB_WORDS, build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 TINY_PRETRAINED_NAME = "tiny-pretrained"
 PRETRAINING_FILE = "pretraining.json"
 PRETRAINING_VERSION = 2  # bump when the recipe changes, so cached models are rebuilt
-#: The default recipe's weights, shipped with the package (rebuild: ``python -m ccafl_hf.pretraining``).
-SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / f"{TINY_PRETRAINED_NAME}.safetensors"
+#: The default recipe's weights, shipped with the package (rebuild: ``python -m ccafl_hf.tiny.pretraining``).
+SHIPPED_WEIGHTS = Path(__file__).parent / f"{TINY_PRETRAINED_NAME}.safetensors"
 _LOG_EVERY = 50  # steps between progress-bar updates of the loss and accuracy
 
 
@@ -312,9 +312,9 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ccafl_hf.pretraining [--output PATH]``: rebuild the shipped weights from the recipe."""
+    """``python -m ccafl_hf.tiny.pretraining [--output PATH]``: rebuild the shipped weights from the recipe."""
     parser = argparse.ArgumentParser(
-        prog="python -m ccafl_hf.pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m ccafl_hf.tiny.pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pre-train the tiny CLIP with the default recipe and write its weights (a safetensors file).")
     parser.add_argument("--output", default=str(SHIPPED_WEIGHTS), help="Weights file to write.")
     args = parser.parse_args(argv)
