@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 from ccafl_hf import CCAFLConfig, CCAFLModel, build_reid_processor
 from ccafl_hf.association import associate_across_cameras, identity_mean_features
-from ccafl_hf.cli import parse_train_args
+from ccafl_hf.commands import parse_train_args
 from ccafl_hf.data import (
     RandomIdentitySampler,
     ReIDCollator,

@@ -13,7 +13,7 @@ defaults that explicit flags override.
 
 import sys
 
-from ccafl_hf.cli import train_main
+from ccafl_hf.commands import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

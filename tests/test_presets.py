@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from ccafl_hf.cli import available_presets, load_preset, train_main
+from ccafl_hf.commands import available_presets, load_preset, train_main
 from synthetic_options import SMALL_SYNTHETIC
 
 # the paper's per-dataset values (stages 2–3), written out here independently of the preset files

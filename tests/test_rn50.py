@@ -187,7 +187,7 @@ def test_other_architecture_gives_one_line(tmp_path, name, found):
 
 
 def test_train_script_names_the_architecture_in_one_line(tmp_path, capsys):
-    from ccafl_hf.cli import train_main
+    from ccafl_hf.commands import train_main
 
     folder = _fake_open_clip_folder(tmp_path / "rn101", open_clip.get_model_config("RN101"))
     assert train_main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),

@@ -11,8 +11,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from ccafl_hf import CCAFLModel
-from ccafl_hf.cli import train_main
-from ccafl_hf.commands import evaluate_main, retrieval_main
+from ccafl_hf.commands import evaluate_main, retrieval_main, train_main
 from ccafl_hf.data import ReIDCollator, build_eval_transform
 from ccafl_hf.evaluation import evaluate_reid_model
 from ccafl_hf.retrieval import FeatureSet

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ccafl_hf.pipeline import DataArguments, ModelArguments
-from ccafl_hf.run_directory import (
+from ccafl_hf.pipeline.run_directory import (
     LOCK_FILE,
     RUN_FILE,
     RUN_ONLY_ARGUMENTS,

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from ccafl_hf import CCAFLModel
-from ccafl_hf.cli import load_preset, parse_train_args, train_main
+from ccafl_hf.commands import load_preset, parse_train_args, train_main
 from synthetic_options import SMALL_SYNTHETIC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,7 +258,7 @@ def test_two_process_accelerate_launch(trained, tmp_path):
 
 def test_evaluate_script_reproduces_training_metrics(trained, tmp_path, monkeypatch):
     """`scripts/evaluate.py` on the trained output gives the metrics `eval_results.json` recorded."""
-    from ccafl_hf.cli import evaluate_main
+    from ccafl_hf.commands import evaluate_main
 
     out, cache = trained
     monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
@@ -340,7 +340,7 @@ def test_explicit_partial_checkpoint_is_refused(tmp_path, capsys):
 
 def test_preset_naming_an_unknown_argument_is_one_clear_line(tmp_path, capsys, monkeypatch):
     """A preset/flag conflict: a preset key that is no argument of train.py is refused by name."""
-    monkeypatch.setattr("ccafl_hf.cli.load_preset", lambda name: {**load_preset("demo"), "icdl_epoch": 3})
+    monkeypatch.setattr("ccafl_hf.commands.train.load_preset", lambda name: {**load_preset("demo"), "icdl_epoch": 3})
     code = train_main(["--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
@@ -492,7 +492,7 @@ def test_bad_value_is_one_line_exit_2_nothing_written(argv, message, tmp_path, c
 
 
 def test_help_of_every_command_shows_defaults(capsys):
-    from ccafl_hf.cli import evaluate_main, retrieval_main
+    from ccafl_hf.commands import evaluate_main, retrieval_main
 
     commands = [(train_main, []), (evaluate_main, []), (retrieval_main, [])]
     commands += [(retrieval_main, [sub]) for sub in ("embed", "index", "search", "export-onnx")]

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from ccafl_hf import create_tiny_model
-from ccafl_hf.cli import train_main
+from ccafl_hf.commands import train_main
 from ccafl_hf.data import ReIDCollator, build_eval_transform, build_train_transform
 from ccafl_hf.evaluation import extract_features
 from ccafl_hf.trainers import (

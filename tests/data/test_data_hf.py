@@ -284,7 +284,7 @@ def test_junk_rows_are_dropped_with_their_images(tmp_path):
 def test_evaluate_script_reads_an_hf_source(sources, reference, tmp_path):
     """``ccafl-evaluate --dataset hf --data_dir FOLDER`` gives the metrics of the same images as files."""
     from ccafl_hf import create_tiny_model
-    from ccafl_hf.cli import evaluate_main
+    from ccafl_hf.commands import evaluate_main
 
     model, processor = create_tiny_model(seed=0)
     model.save_pretrained(tmp_path / "model")
@@ -302,7 +302,7 @@ def test_evaluate_script_reads_an_hf_source(sources, reference, tmp_path):
 
 def test_train_script_reads_an_hf_source(sources, tmp_path, capsys):
     """``scripts/train.py --dataset hf --data_dir FOLDER`` trains every stage on the 🤗 dataset."""
-    from ccafl_hf.cli import train_main
+    from ccafl_hf.commands import train_main
 
     out = tmp_path / "out"
     argv = ["--output_dir", str(out), "--model_name_or_path", "tiny", "--dataset", "hf",

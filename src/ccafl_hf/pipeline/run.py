@@ -6,13 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
-import os
-import re
-import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +16,27 @@ from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from transformers import CLIPProcessor, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import (
+from ..data import (
     ReIDCollator,
     build_eval_transform,
     build_train_transform,
-    dataset_summary,
-    load_reid_dataset,
 )
-from .evaluation import METRIC_KEYS, evaluate_reid_model
-from .model_files import ModelFolderError, check_model_folder, load_checked
-from .modeling_ccafl import CCAFLModel
-from .processing import build_reid_processor, load_tokenizer
-from .prompts import IdentityPromptLearner, load_text_features, save_text_features
+from ..evaluation import METRIC_KEYS, evaluate_reid_model
+from ..modeling_ccafl import CCAFLModel
+from ..prompts import IdentityPromptLearner, load_text_features, save_text_features
+from ..trainers import (
+    CCAFLForTraining,
+    CCAFLTrainer,
+    CCAFLTrainingArguments,
+    FeatureCache,
+    PromptLearningTrainer,
+)
+from ..trainers.base import IMAGE_STAGES
+from .artifacts import push_output_dir, save_artifacts
+from .checkpoints import _explicit_checkpoint, _relative, _resume_message, last_complete_checkpoint
+from .constants import ADAPTER_DIR, EVAL_FILE, LOOP_CHECKPOINTS, SETTINGS_FILE, STATE_FILE, TEXT_FEATURES_FILE
 from .run_directory import (
-    RUN_FILE,
     RunDirectory,
     dataset_identity,
     kill_point,
@@ -44,169 +44,9 @@ from .run_directory import (
     write_atomically,
     write_json,
 )
-from .tiny import TINY_MODELS, create_tiny_model
-from .tiny.pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
-from .trainers import (
-    CCAFLForTraining,
-    CCAFLTrainer,
-    CCAFLTrainingArguments,
-    FeatureCache,
-    PromptLearningTrainer,
-)
-from .trainers.base import IMAGE_STAGES
+from .setup import DataArguments, ModelArguments, _load_dataset, build_model, resolved_settings
 
 logger = logging.getLogger(__name__)
-
-EVAL_FILE = "eval_results.json"
-TEXT_FEATURES_FILE = "text_features.safetensors"
-ADAPTER_DIR = "prompt_adapter"
-STATE_FILE = "training_state.safetensors"
-SETTINGS_FILE = "resolved_settings.json"  # every resolved setting of the run, written when it starts training
-LOOP_CHECKPOINTS = "icdl_ical"  # checkpoints of the stage-2/3 loop: output_dir/checkpoints/icdl_ical
-_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
-
-
-@dataclass
-class ModelArguments:
-    """Which model to start from."""
-
-    model_name_or_path: str = field(
-        default="tiny",
-        metadata={"help": "'tiny' (random tiny CLIP, tests), 'tiny-pretrained' (the tiny CLIP pre-trained on "
-                          "captioned synthetic people, weights shipped with the package: the demo), a CLIP checkpoint "
-                          "(Hub id or folder, e.g. openai/clip-vit-base-patch16) or a saved CCAFL model folder."},
-    )
-    image_size: list[int] | None = field(
-        default=None, metadata={"help": "ReID input as HEIGHT WIDTH (default 256 128; the tiny model: 64 32)."}
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
-    config_overrides: str | None = field(
-        default=None,
-        metadata={"help": "JSON dict of config fields for a model built from scratch ('tiny' only), e.g. "
-                          "'{\"vision_config\": {\"patch_size\": 4}}' (the demo preset's finer patch grid)."},
-    )
-
-    def __post_init__(self):
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            raise RunError(f"--image_size takes HEIGHT WIDTH (two integers >= 1), got {self.image_size}")
-        _json_object(self.config_overrides, "--config_overrides")
-
-
-@dataclass
-class DataArguments:
-    """Which data to train and evaluate on."""
-
-    dataset: str = field(
-        default="synthetic", metadata={"help": "A ccafl_hf.data.available_datasets() reader, e.g. synthetic, "
-                                               "market1501, custom or hf (🤗 datasets: see --data_dir)."}
-    )
-    data_dir: str | None = field(default=None, metadata={"help": "Dataset folder or file (optional for synthetic); "
-                                                         "for hf a Hub dataset id, save_to_disk folder or parquet."})
-    dataset_options: str = field(
-        default="{}", metadata={"help": "JSON dict of reader options, e.g. '{\"num_identities\": 40}' for synthetic."}
-    )
-    preset: str = field(default="demo", metadata={"help": "Packaged hyper-parameter preset (ccafl_hf/presets/*.json)."})
-
-    def __post_init__(self):
-        from .data.datasets.base import get_reader
-
-        get_reader(self.dataset)  # an unknown name: one line listing the known ones
-        _json_object(self.dataset_options, "--dataset_options")
-
-
-class RunError(ValueError):
-    """A problem with the run's arguments or output folder (reported as one line by the script)."""
-
-
-# ------------------------------------------------------------------------------------------ model
-def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, CLIPProcessor]:
-    """The model and processor to start from: tiny preset (randomly initialised from ``seed``), the
-    pre-trained tiny CLIP (`ccafl_hf.pretraining`, shipped weights), a CLIP checkpoint (converted)
-    or a CCAFL one."""
-    size = tuple(model_args.image_size) if model_args.image_size else None
-    if size is not None and len(size) != 2:
-        raise RunError(f"--image_size takes HEIGHT WIDTH, got {model_args.image_size}")
-    name = model_args.model_name_or_path
-    overrides = _config_overrides(model_args.config_overrides)
-    if name in TINY_MODELS:
-        try:
-            return create_tiny_model(seed=seed, backbone=TINY_MODELS[name],
-                                     **{**overrides, **({"image_size": size} if size else {})})
-        except (TypeError, ValueError) as error:
-            raise RunError(f"--config_overrides {model_args.config_overrides}: {error}") from None
-    if overrides:
-        raise RunError(f"--config_overrides only applies to a model built from scratch (tiny), not {name}")
-    if name == TINY_PRETRAINED_NAME:
-        model, processor = load_tiny_pretrained()
-        if size and tuple(model.config.image_size) != size:
-            raise RunError(f"{name} runs at {tuple(model.config.image_size)}, not --image_size {size}")
-        return model, processor
-    check_model_folder(name, "--model_name_or_path")  # bad JSON, pickle-only, cut-off safetensors: one line
-    config_file = Path(name) / "config.json"
-    is_ccafl = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "ccafl"
-    if is_ccafl:
-        model = load_checked(name, lambda: CCAFLModel.from_pretrained(name), "--model_name_or_path")
-        if size and tuple(model.config.image_size) != size:
-            raise RunError(f"{name} runs at {model.config.image_size}; --image_size {size} would need a new conversion")
-    else:
-        try:
-            model = load_checked(name, lambda: CCAFLModel.from_clip(name, image_size=size or (256, 128)),
-                                 "--model_name_or_path")
-        except ModelFolderError:
-            raise
-        except ValueError as error:  # a pickled checkpoint, another architecture, an image size that does not fit
-            raise RunError(f"--model_name_or_path {name}: {error}") from None
-    tokenizer = load_tokenizer(model_args.tokenizer_name or name)
-    return model, build_reid_processor(model.config, tokenizer)
-
-
-def _config_overrides(value: str | dict | None) -> dict[str, Any]:
-    return _json_object(value, "--config_overrides")
-
-
-def _json_object(value: str | dict | None, flag: str) -> dict[str, Any]:
-    """``value`` (JSON text or a dict) as a dict; anything else is a `RunError` naming ``flag``."""
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        parsed = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as error:
-        raise RunError(f"{flag} must be a JSON object, e.g. '{{\"key\": 1}}': {error}") from None
-    if not isinstance(parsed, dict):
-        raise RunError(f"{flag} must be a JSON object, e.g. '{{\"key\": 1}}', got {value!r}")
-    return parsed
-
-
-# ----------------------------------------------------------------------------------- output folder
-def resolved_settings(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    """Every setting of a run after preset + flags, JSON-ready: ``{"model": …, "data": …, "training": …}``
-    (tokens redacted as `TrainingArguments.to_dict` does). Unlike the run's fingerprint
-    (`ccafl_hf.run_directory.run_settings`) this includes the run-only settings (logging, paths, workers)."""
-    return json.loads(json.dumps(
-        {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}, default=str))
-
-
-def _load_dataset(data_args: DataArguments):
-    options = _json_object(data_args.dataset_options, "--dataset_options")
-    dataset = load_reid_dataset(data_args.dataset, data_args.data_dir, **options)
-    info = dataset_summary(dataset)
-    if info.num_cameras < 2:
-        raise RunError(f"{data_args.dataset}: the train split has one camera; cross-camera learning needs >= 2")
-    return dataset, info
-
-
-def _resume_message(stage: str, checkpoint: str, out: Path) -> str:
-    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
-    return (f"resuming {stage.upper()} at epoch {state.get('epoch', 0):g} (step {state.get('global_step', 0)}) "
-            f"from {_relative(checkpoint, out)}")
-
-
-def _relative(path: str | Path, out: Path) -> Path:
-    """``path`` relative to the output folder when inside it."""
-    where = Path(path).resolve()
-    return where.relative_to(out.resolve()) if where.is_relative_to(out.resolve()) else where
 
 
 # --------------------------------------------------------------------------------------- training
@@ -456,110 +296,3 @@ def _loop_resume_message(checkpoint: str, args: CCAFLTrainingArguments, stages: 
             f"{_relative(checkpoint, out)}")
 
 
-def _checkpoint_is_complete(folder: Path) -> bool:
-    """The Trainer writes ``trainer_state.json`` last: a checkpoint without a readable one was cut off."""
-    try:
-        json.loads((folder / TRAINER_STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_complete_checkpoint(folder: str | Path, discard_incomplete: bool = False) -> str | None:
-    """The newest ``checkpoint-N`` in ``folder`` that was completely written, or None.
-
-    A run killed while saving leaves a partial folder; it is skipped (and deleted when
-    ``discard_incomplete``, so the resumed run can write that step again).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), path) for path in folder.iterdir()
-             if path.is_dir() and (m := _CHECKPOINT.fullmatch(path.name))]
-    for _, path in sorted(found, reverse=True):
-        if _checkpoint_is_complete(path):
-            return str(path)
-        logger.warning("skipping %s: written only in part (the run was stopped while saving it)", path)
-        if discard_incomplete:
-            shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None:
-    """``(stage, path)`` of an explicit ``--resume_from_checkpoint PATH`` inside this run's folder."""
-    value = args.resume_from_checkpoint
-    if not value or str(value).lower() == "true":
-        return None
-    path = Path(value).resolve()
-    if not path.is_dir():
-        raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    checkpoints = Path(args.output_dir).resolve() / "checkpoints"
-    if path.parent.parent != checkpoints or path.parent.name not in [*args.stage_list, LOOP_CHECKPOINTS]:
-        raise RunError(
-            f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
-            f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"
-        )
-    if not _checkpoint_is_complete(path):
-        raise RunError(f"--resume_from_checkpoint {value} was written only in part (no readable "
-                       f"{TRAINER_STATE_NAME}); pass --resume_from_checkpoint true for the last complete one")
-    return path.parent.name, str(path)
-
-
-# -------------------------------------------------------------------------------------- artifacts
-def save_artifacts(model, processor, args, model_args, data_args, info, results: dict) -> None:
-    """Write the loadable model (+ custom code), processor, adapter, text features, results and card.
-
-    Everything is written into a temporary folder inside the output folder first, then each file is
-    renamed into place, ``eval_results.json`` last: a reader never sees a file cut off, and a run killed
-    here leaves no ``eval_results.json`` of its own (it is rewritten on resume).
-    """
-    from .model_card import render_model_card
-
-    kill_point("before-artifacts")
-    out = Path(args.output_dir)
-    staging = out / f".tmp-{os.getpid()}-artifacts"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        prompt_final = Path(args.stage_output_dir("prompt")) / "final"
-        if (prompt_final / ADAPTER_DIR).is_dir():
-            shutil.copytree(prompt_final / ADAPTER_DIR, staging / ADAPTER_DIR, dirs_exist_ok=True)
-            shutil.copy2(prompt_final / TEXT_FEATURES_FILE, staging / TEXT_FEATURES_FILE)
-        render_model_card(model, args, model_args, data_args, info, results).save(staging / "README.md")
-        (staging / EVAL_FILE).write_text(json.dumps(results, indent=2))
-        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == EVAL_FILE)
-        for path in files:
-            target = out / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-    except (OSError, RuntimeError) as error:
-        from .run_directory import describe_write_error
-
-        line = describe_write_error(error, out)
-        if line is None:
-            raise
-        raise OSError(errno.EIO, line) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def push_output_dir(args: CCAFLTrainingArguments) -> str:
-    """Upload the output folder (model, custom code, processor, adapter, text features, card — not the
-    checkpoints) to the Hub in one commit. Returns the repo id."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    out = Path(args.output_dir)
-    repo_id = args.hub_model_id or out.name
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
-    # not the checkpoints, the run's state, its lock or temporary files (".tmp-*")
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "checkpoints"
-                   and p.name != RUN_FILE and not p.relative_to(out).parts[0].startswith("."))
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in files]
-    api.create_commit(repo_id, operations=operations, commit_message="Upload CCAFL model trained with ccafl-hf")
-    logger.info("pushed %d files to https://huggingface.co/%s", len(operations), repo_id)
-    return repo_id
-
-
-__all__ = ["DataArguments", "ModelArguments", "RunError", "build_model", "push_output_dir", "run_training"]

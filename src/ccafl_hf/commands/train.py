@@ -1,4 +1,4 @@
-"""Command-line entry points (`scripts/*.py` and the `ccafl-*` console scripts call these)."""
+"""The train command (`scripts/train.py`, `ccafl-train`): presets + flags -> `run_training`; print only here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from importlib import resources
 from typing import Any
 
 from transformers import HfArgumentParser
-
-from .commands import evaluate_main, retrieval_main
 
 logger = logging.getLogger("ccafl_hf")
 
@@ -48,8 +46,8 @@ def parse_train_args(argv: list[str] | None = None):
 
 def _parse_train_command(argv: list[str] | None = None):
     """``(model_args, data_args, training_args, print_settings)`` of a ``train.py`` command line."""
-    from .pipeline import DataArguments, ModelArguments
-    from .trainers.arguments import CCAFLTrainingArguments
+    from ..pipeline import DataArguments, ModelArguments
+    from ..trainers.arguments import CCAFLTrainingArguments
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
@@ -87,10 +85,10 @@ def _one_line(error: Exception) -> str:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
-    from .data import ReIDDatasetError
-    from .model_files import ModelFolderError
-    from .pipeline import RunError, run_training
-    from .run_directory import RunDirectoryError, describe_write_error
+    from ..data import ReIDDatasetError
+    from ..model_files import ModelFolderError
+    from ..pipeline import RunError, run_training
+    from ..pipeline.run_directory import RunDirectoryError, describe_write_error
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -99,7 +97,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if print_settings:
-        from .pipeline import resolved_settings
+        from ..pipeline import resolved_settings
 
         print(json.dumps(resolved_settings(model_args, data_args, training_args), indent=2))
         return 0
@@ -123,4 +121,4 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["available_presets", "evaluate_main", "load_preset", "parse_train_args", "retrieval_main", "train_main"]
+__all__ = ["available_presets", "load_preset", "parse_train_args", "train_main"]
