@@ -68,7 +68,7 @@ class DataArguments:
     preset: str = field(default="demo", metadata={"help": "Packaged hyper-parameter preset (ccafl_hf/presets/*.json)."})
 
     def __post_init__(self):
-        from .data.datasets.base import get_reader
+        from ..data.datasets.base import get_reader
 
         get_reader(self.dataset)  # an unknown name: one line listing the known ones
         _json_object(self.dataset_options, "--dataset_options")
