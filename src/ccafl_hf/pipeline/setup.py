@@ -81,7 +81,7 @@ class RunError(ValueError):
 # ------------------------------------------------------------------------------------------ model
 def build_model(model_args: ModelArguments, seed: int = 0) -> tuple[CCAFLModel, CLIPProcessor]:
     """The model and processor to start from: tiny preset (randomly initialised from ``seed``), the
-    pre-trained tiny CLIP (`ccafl_hf.pretraining`, shipped weights), a CLIP checkpoint (converted)
+    pre-trained tiny CLIP (`ccafl_hf.tiny.pretraining`, shipped weights), a CLIP checkpoint (converted)
     or a CCAFL one."""
     size = tuple(model_args.image_size) if model_args.image_size else None
     if size is not None and len(size) != 2:
