@@ -84,12 +84,15 @@ def find_open_clip_checkpoint(name_or_path: str | os.PathLike) -> OpenCLIPCheckp
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    from .hub_utils import hub_local_files_only
+
+    local_only = hub_local_files_only(name)  # offline or unreachable Hub: the cache only, no minute of retries
     try:
-        config_file = hf_hub_download(name, OPEN_CLIP_CONFIG)
+        config_file = hf_hub_download(name, OPEN_CLIP_CONFIG, local_files_only=local_only)
     except (OSError, ValueError, HfHubHTTPError):
         return None  # not an open_clip repo, or offline and not cached: the CLIP loader reports it
     try:
-        weights = hf_hub_download(name, OPEN_CLIP_WEIGHTS)
+        weights = hf_hub_download(name, OPEN_CLIP_WEIGHTS, local_files_only=local_only)
     except (OSError, ValueError, HfHubHTTPError) as error:
         raise ValueError(f"{name}: could not get {OPEN_CLIP_WEIGHTS} ({type(error).__name__}); only safetensors "
                          "are read (pickled open_clip_pytorch_model.bin is never unpickled)") from None
