@@ -104,13 +104,19 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
             target.write_bytes(Path(source).read_bytes() if isinstance(source, str | Path) else source)
         return None
 
+    def validate_yaml(self, content, **kwargs):  # upload_folder has the Hub check the card's metadata first
+        calls["validated"] = content
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)  # upload_folder's one-commit path
     model_args, data_args, args = parse_train_args(["--output_dir", str(out), "--push_to_hub", "true",
                                                     "--hub_model_id", "someone/ccafl-demo"])
     assert push_output_dir(args) == "someone/ccafl-demo"
     assert calls["repo"] == "someone/ccafl-demo"
     assert "model-index" in yaml.safe_load((sent / "README.md").read_text().split("---")[1])
+    assert calls["validated"] == (out / "README.md").read_text()
     assert not any(path.startswith("checkpoints/") for path in calls["commit"]) and "ccafl_run.json" not in calls["commit"]
     assert {"README.md", "model.safetensors", "modeling_ccafl.py", "prompt_adapter/adapter_config.json"} <= set(
         calls["commit"])

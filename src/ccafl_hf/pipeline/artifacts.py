@@ -62,19 +62,14 @@ def save_artifacts(model, processor, args, model_args, data_args, info, results:
 
 def push_output_dir(args: CCAFLTrainingArguments) -> str:
     """Upload the output folder (model, custom code, processor, adapter, text features, card — not the
-    checkpoints) to the Hub in one commit. Returns the repo id."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    checkpoints, the run's state, its lock or temporary files) to the Hub in one commit. Returns the repo id."""
+    from huggingface_hub import HfApi
 
     out = Path(args.output_dir)
     repo_id = args.hub_model_id or out.name
     api = HfApi(token=args.hub_token)
     repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
-    # not the checkpoints, the run's state, its lock or temporary files (".tmp-*")
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] != "checkpoints"
-                   and p.name != RUN_FILE and not p.relative_to(out).parts[0].startswith("."))
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(out).as_posix(), path_or_fileobj=str(p)) for p in files]
-    api.create_commit(repo_id, operations=operations, commit_message="Upload CCAFL model trained with ccafl-hf")
-    logger.info("pushed %d files to https://huggingface.co/%s", len(operations), repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=out, ignore_patterns=["checkpoints/*", RUN_FILE, ".*", ".*/*"],
+                      commit_message="Upload CCAFL model trained with ccafl-hf")
+    logger.info("pushed %s to https://huggingface.co/%s", out, repo_id)
     return repo_id
-
-
