@@ -9,11 +9,14 @@ paper's "adversarial epochs 40–49" is written as it is.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("prompt", "icdl", "ical")
 OPTIMIZERS = ("adam", "sgd")
@@ -139,10 +142,14 @@ class CCAFLTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._resolve_mixed_precision()
-        if not _cuda_available() and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-            self.use_cpu = True  # bf16 autocast or several processes (gloo) on a CPU: accelerate needs to be told
+        if not _cuda_available() and not self.use_cpu and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            # bf16 autocast or several processes (gloo) on a machine without CUDA: accelerate must be told
+            logger.info("no CUDA device: running on the CPU (use_cpu=True) for %s",
+                        "bf16 autocast" if self.bf16 else "several processes")
+            self.use_cpu = True
         if self.dataloader_pin_memory and not _cuda_available():
-            self.dataloader_pin_memory = False  # pinning needs an accelerator
+            logger.info("no CUDA device: dataloader_pin_memory=False (pinning needs an accelerator)")
+            self.dataloader_pin_memory = False
         super().__post_init__()
         self.stage_list = parse_stages(self.stages)
         if self.remove_unused_columns:
