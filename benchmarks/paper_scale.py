@@ -45,8 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from transformers import CLIPProcessor
 
-from ccafl_hf import CCAFLConfig, CCAFLModel, build_reid_processor
+from ccafl_hf import CCAFLConfig, CCAFLModel, build_reid_processor, create_tiny_model
 from ccafl_hf.association import associate_across_cameras, identity_mean_features
 from ccafl_hf.commands import parse_train_args
 from ccafl_hf.data import (
@@ -61,7 +62,7 @@ from ccafl_hf.evaluation import autocast_context, evaluate_reid_model, extract_f
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
 from ccafl_hf.prompts import IdentityPromptLearner
-from ccafl_hf.trainers import CCAFLForTraining, set_image_stage_trainable
+from ccafl_hf.trainers import CCAFLForTraining, ICALObjective, ICDLObjective, set_image_stage_trainable
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {
@@ -69,6 +70,9 @@ PAPER_SIZES = {
     "MSMT17": dict(train_images=32621, identities=4821, cameras=15, query=11659, gallery=82161, batch=32 * 8),
 }
 PRESETS = {"vit-b16": "vit-b16-market1501", "rn50": "paper-market1501"}
+#: --quick: a tiny dataset and batch (any of these given explicitly wins)
+QUICK = dict(num_people=12, num_test_people=6, num_distractors=0, iterations=1, num_identities_per_batch=2,
+             num_instances=2, eval_batch_size=16)
 PROMPT_EPOCHS, LOOP_EPOCHS, ITERS, ICDL_EPOCHS, EVALUATIONS = 60, 80, 200, 5, 3
 
 
@@ -124,8 +128,11 @@ class Meter:
 
 
 # -------------------------------------------------------------------------------------------- model
-def build_model(backbone: str) -> CCAFLModel:
-    """The backbone's real CLIP architecture at 256×128 with random weights."""
+def build_model(backbone: str, quick: bool = False) -> tuple[CCAFLModel, CLIPProcessor]:
+    """The backbone's real CLIP architecture at 256×128 with random weights, and its processor
+    (``quick``: the package's tiny model of the same kind instead)."""
+    if quick:
+        return create_tiny_model(backbone="vit" if backbone == "vit-b16" else "rn50")
     if backbone == "vit-b16":
         config = CCAFLConfig(
             vision_config={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -141,7 +148,7 @@ def build_model(backbone: str) -> CCAFLModel:
                          "intermediate_size": 2048, "max_position_embeddings": 77},
             projection_dim=1024, image_size=(256, 128),
         )
-    return CCAFLModel(config)
+    return CCAFLModel(config), build_reid_processor(config)
 
 
 def rn50_available() -> bool:
@@ -205,7 +212,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="Data-loading worker processes.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--output", default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: the tiny model of the backbone's kind on a tiny dataset (numbers meaningless)")
     args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     if args.backbone == "rn50" and not rn50_available():
         parser.error("--backbone rn50 needs the CLIP RN50 vision tower, which this version of ccafl_hf does not "
                      "have; use --backbone vit-b16")
@@ -240,15 +253,15 @@ def main(argv=None) -> dict:
                    image_size=(128, 64), seed=0)
     data_dir = Path(opts.data_dir or Path(tempfile.gettempdir()) / "ccafl-paper-scale")
     with meter.phase("data: generate or reuse the dataset"):
-        dataset = load_reid_dataset("synthetic", data_dir / "market-sized", **options)
+        dataset = load_reid_dataset("synthetic", data_dir / ("quick" if opts.quick else "market-sized"), **options)
     info = dataset_summary(dataset)
     train, n = dataset["train"], info.num_train_identities
     identity_camids = torch.as_tensor(info.identity_camids, dtype=torch.long)
     print(f"dataset: {len(train)} train images, {n} intra-camera identities, {info.num_cameras} cameras, "
           f"{len(dataset['query'])} query, {len(dataset['gallery'])} gallery", flush=True)
 
-    model = build_model(opts.backbone).to(device)
-    processor = build_reid_processor(model.config)
+    model, processor = build_model(opts.backbone, opts.quick)
+    model = model.to(device)
     mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
     height, width = model.config.image_size
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
@@ -292,9 +305,7 @@ def main(argv=None) -> dict:
         text_features = learner.all_text_features().float()
 
     # ------------------------------------------------------------------- per-epoch work of stages 2–3
-    set_image_stage_trainable(model)
-    if args.freeze_patch_embedding and hasattr(model.vision_model.embeddings, "patch_embedding"):
-        model.vision_model.embeddings.patch_embedding.requires_grad_(False)
+    set_image_stage_trainable(model, args.freeze_patch_embedding)
     module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
     with meter.phase("memory rebuild (from the pass's features)"):
         module.camera_memory.initialize(features, intra_ids)
@@ -336,25 +347,30 @@ def main(argv=None) -> dict:
                          weight_decay=args.classifier_weight_decay),  # the global-ID classifier's own Adam
     ]
 
-    def stage_step(inp: dict) -> None:
+    icdl_objective, ical_objective = ICDLObjective(args), ICALObjective(args)
+    adversarial_epoch = max(args.adversarial_start_epoch, args.ical_image_text_start_epoch)
+
+    def stage_step(inp: dict, objective, epoch: int) -> None:
+        """One step as `CCAFLTrainer.training_step` takes it: forward + backward of the objective, the
+        memory update, then the global-ID classifier's own Adam on the detached features (fp32)."""
         with autocast_context(device, mixed):
-            out = module(pixel_values=inp["pixel_values"], intra_ids=inp["intra_ids"], camids=inp["camids"])
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+            out = module(pixel_values=inp["pixel_values"], intra_ids=inp["intra_ids"], camids=inp["camids"],
+                         objective=objective, epoch=epoch)
+        optimizers[0].zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
-        for opt in optimizers:
-            scaler.step(opt)
+        scaler.step(optimizers[0])
         scaler.update()
-        module.update_memories(out["reid_features"], inp["intra_ids"])
+        objective.update_memories(module, out["reid_features"], inp["intra_ids"])
+        loss = module.classifier.classification_loss(out["reid_features"].float(), inp["intra_ids"])
+        optimizers[1].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[1].step()
 
     def icdl(inp: dict) -> None:
-        module.stage = "icdl"
-        stage_step(inp)
+        stage_step(inp, icdl_objective, 0)
 
-    def ical(inp: dict) -> None:
-        module.stage = "ical"
-        module.switches.image_text, module.switches.adversarial = True, True
-        stage_step(inp)
+    def ical(inp: dict) -> None:  # an epoch where the adversarial and image–text losses are both on
+        stage_step(inp, ical_objective, adversarial_epoch)
 
     # the plain fine-tune: same tower, same optimiser recipe, a linear cross-entropy head
     head = torch.nn.Linear(model.reid_feature_dim, n).to(device)
@@ -364,7 +380,8 @@ def main(argv=None) -> dict:
 
     def plain(inp: dict) -> None:
         with autocast_context(device, mixed):
-            loss = F.cross_entropy(head(model(inp["pixel_values"]).reid_features).float(), inp["intra_ids"])
+            logits = head(model.get_reid_outputs(inp["pixel_values"]).reid_features)
+            loss = F.cross_entropy(logits.float(), inp["intra_ids"])
         base_opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(base_opt)
