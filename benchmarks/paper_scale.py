@@ -58,9 +58,10 @@ from ccafl_hf.data import (
     dataset_summary,
     load_reid_dataset,
 )
-from ccafl_hf.evaluation import autocast_context, evaluate_reid_model, extract_features
+from ccafl_hf.evaluation import evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
+from ccafl_hf.precision import MIXED_PRECISIONS, autocast_context, resolve_mixed_precision
 from ccafl_hf.prompts import IdentityPromptLearner
 from ccafl_hf.trainers import CCAFLForTraining, ICALObjective, ICDLObjective, set_image_stage_trainable
 
@@ -170,15 +171,6 @@ def build_optimizer(params: list[torch.nn.Parameter], names: list[str], args) ->
     return torch.optim.Adam(groups, weight_decay=args.weight_decay)
 
 
-def resolve_precision(value: str, device: torch.device) -> str | None:
-    """``auto``: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU."""
-    if value == "auto":
-        if device.type != "cuda":
-            return None
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return None if value == "no" else value
-
-
 # --------------------------------------------------------------------------------------------- main
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, before any work
@@ -207,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Embed at most this many images per identity in the train-set pass (0 = all).")
     parser.add_argument("--eval_people", type=int, default=0, help="Evaluate on this many test people (0 = all).")
     parser.add_argument("--eval_batch_size", type=int, default=None, help="Default: the preset's.")
-    parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+    parser.add_argument("--precision", choices=MIXED_PRECISIONS, default="auto",
                         help="auto = the presets' mixed precision (bf16/fp16 on a GPU, fp32 on a CPU).")
     parser.add_argument("--workers", type=int, default=0, help="Data-loading worker processes.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
@@ -243,7 +235,7 @@ def main(argv=None) -> dict:
         if getattr(opts, name):
             flags += [f"--{name}", str(getattr(opts, name))]
     _, _, args = parse_train_args(flags)
-    mixed = resolve_precision(opts.precision, device)
+    mixed = resolve_mixed_precision(opts.precision, device=device)
     eval_batch = opts.eval_batch_size or args.per_device_eval_batch_size
 
     # ---------------------------------------------------------------------------------------- data
@@ -431,7 +423,7 @@ def report(meter: Meter, opts, args, mixed, num_query: int, num_gallery: int, me
     memory_kind = "CUDA max allocated" if meter.device.type == "cuda" else (
         "peak RSS" if meter.rss_resettable else "process peak RSS so far")
     print(f"\nPaper-scale dry run: {opts.backbone}, random init, 256x128, preset {PRESETS[opts.backbone]} "
-          f"({args.optimizer}), precision {mixed or 'fp32'}, batch {batch} (P {args.num_identities_per_batch} x K "
+          f"({args.optimizer}), precision {'fp32' if mixed == 'no' else mixed}, batch {batch} (P {args.num_identities_per_batch} x K "
           f"{args.num_instances}), {device_name}")
     print(f"{'phase':<62}{'seconds':>10}{'items':>8}{'ms/item':>10}{memory_kind:>24}")
     for phase in p.values():
@@ -478,7 +470,7 @@ def report(meter: Meter, opts, args, mixed, num_query: int, num_gallery: int, me
     print("  (steps scaled linearly from the measured batch to the paper's P x K; data loading assumed hidden "
           "by loader workers)")
     result = {
-        "backbone": opts.backbone, "device": device_name, "precision": mixed or "fp32", "batch": batch,
+        "backbone": opts.backbone, "device": device_name, "precision": "fp32" if mixed == "no" else mixed, "batch": batch,
         "phases": {k: {"seconds": v.seconds, "peak_gb": v.peak_gb, "items": v.items} for k, v in p.items()},
         "images_per_second": {"icdl": 1 / t_icdl, "ical": 1 / t_ical, "plain": 1 / t_base},
         "ratio_icdl_vs_plain": t_base / t_icdl, "ratio_ical_vs_plain": t_base / t_ical,

@@ -1,5 +1,7 @@
 """Worker of test_distributed.py: a short ICDL → ICAL loop under several processes; every rank
-writes its memory buffers, pseudo-labels, classifier and model weights so the test can compare them."""
+writes its memory buffers, pseudo-labels, classifier and model weights so the test can compare them.
+With ``extract`` as third argument, every rank writes the features of the first ``EXTRACT_ROWS`` query
+images instead (sharded extraction, gathered back in dataset order)."""
 
 import sys
 
@@ -14,7 +16,34 @@ from ccafl_hf.data import (
     dataset_summary,
     load_reid_dataset,
 )
+from ccafl_hf.evaluation import extract_features
 from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainer, CCAFLTrainingArguments
+
+#: rows and batch size of the extraction check: 4 batches, the last one short (uneven shares)
+EXTRACT_ROWS, EXTRACT_BATCH = 7, 2
+
+
+def extract(data_dir: str, out_dir: str) -> None:
+    from accelerate import Accelerator, PartialState
+
+    accelerator = Accelerator(cpu=True)  # as `accelerate launch` on a machine without CUDA: gloo processes
+    assert PartialState().num_processes == 2
+    dataset = load_reid_dataset("market1501", data_dir)
+    model, processor = create_tiny_model(seed=0)
+    collator = ReIDCollator(build_eval_transform(64, 32, processor.image_processor.image_mean,
+                                                 processor.image_processor.image_std))
+    rows = dataset["query"].select(range(EXTRACT_ROWS))
+    embedded = []  # images this process embeds
+    forward = model.get_reid_outputs
+    model.get_reid_outputs = lambda pixels: embedded.append(len(pixels)) or forward(pixels)
+    state = {}
+    for name, given in (("state", None), ("accelerator", accelerator)):
+        out = extract_features(model, rows, collator, batch_size=EXTRACT_BATCH, accelerator=given,
+                               with_alignment=True, progress=False)
+        state |= {f"{name}.reid": out.reid_features.contiguous(), f"{name}.align": out.alignment_features.contiguous(),
+                  f"{name}.pids": out.labels["pids"].contiguous(), f"{name}.embedded": torch.tensor(sum(embedded))}
+        embedded.clear()
+    save_file(state, f"{out_dir}/extract{PartialState().process_index}.safetensors")
 
 
 def main(data_dir: str, out_dir: str) -> None:
@@ -53,4 +82,4 @@ def main(data_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    (extract if sys.argv[3:] == ["extract"] else main)(sys.argv[1], sys.argv[2])

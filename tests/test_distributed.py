@@ -36,3 +36,37 @@ def test_two_process_run_keeps_memories_and_pseudo_labels_identical(small_synthe
     assert bool(ranks[0]["memories_out_of_ddp_sync"])
     # model weights (incl. the BN-neck statistics, synchronised from rank 0 before every extraction) agree
     assert any(key.startswith("model.neck.running_mean") for key in ranks[0])
+
+
+def test_two_process_extraction_equals_one_process_in_dataset_order(small_synthetic, tmp_path):
+    """Each process embeds every other batch (the last one short); both receive every feature, in dataset
+    order, equal to a one-process extraction; with or without an Accelerator passed in."""
+    from distributed_worker import EXTRACT_BATCH, EXTRACT_ROWS
+
+    from ccafl_hf import create_tiny_model
+    from ccafl_hf.data import ReIDCollator, build_eval_transform
+    from ccafl_hf.evaluation import extract_features
+
+    dataset, _ = small_synthetic
+    data_dir = Path(dataset["train"][0]["image_path"]).parent.parent
+    worker = Path(__file__).parent / "distributed_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CCAFL_HF_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(worker), str(data_dir), str(tmp_path), "extract"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model, processor = create_tiny_model(seed=0)
+    collator = ReIDCollator(build_eval_transform(64, 32, processor.image_processor.image_mean,
+                                                 processor.image_processor.image_std))
+    rows = dataset["query"].select(range(EXTRACT_ROWS))
+    single = extract_features(model, rows, collator, batch_size=EXTRACT_BATCH, with_alignment=True, progress=False)
+    assert single.labels["pids"].tolist() == rows["pid"]
+    saved_by_rank = [load_file(str(tmp_path / f"extract{rank}.safetensors")) for rank in range(2)]
+    for name in ("state", "accelerator"):  # each process embedded 2 batches of 2 (the last short one padded)
+        assert [int(saved[f"{name}.embedded"]) for saved in saved_by_rank] == [4, 4]
+    for saved in saved_by_rank:
+        for name in ("state", "accelerator"):
+            assert saved[f"{name}.pids"].tolist() == rows["pid"], name
+            torch.testing.assert_close(saved[f"{name}.reid"], single.reid_features, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(saved[f"{name}.align"], single.alignment_features, rtol=1e-5, atol=1e-5)

@@ -95,9 +95,10 @@ def add_dataset_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def extraction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of `extract_features` / `embed_images` from the extraction flags."""
+    from ..precision import resolve_mixed_precision
+
     return dict(batch_size=args.batch_size, num_workers=args.num_workers, flip=args.flip,
-                mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-                progress=not args.no_progress)
+                mixed_precision=resolve_mixed_precision(bf16=args.bf16, fp16=args.fp16), progress=not args.no_progress)
 
 
 def load_dataset_from_args(args: argparse.Namespace):

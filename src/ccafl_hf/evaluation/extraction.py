@@ -7,16 +7,16 @@ several processes each rank embeds its share and the results are gathered in dat
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..modeling_ccafl import CCAFLModel
+from ..precision import autocast_context
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +34,6 @@ class ExtractedFeatures:
     reid_features: torch.Tensor
     alignment_features: torch.Tensor | None
     labels: dict[str, torch.Tensor]
-
-
-def autocast_context(device: torch.device, mixed_precision: str | None):
-    """`torch.autocast` for ``mixed_precision`` in {"bf16", "fp16", None/"no"} on ``device``."""
-    if mixed_precision in (None, "no", "fp32"):
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.bfloat16  # fp16 autocast on CPU is slow and poorly supported
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -69,71 +59,68 @@ def extract_features(
         dataset: map-style dataset of rows understood by ``collate_fn`` (returns a dict with
             ``pixel_values [B, 3, H, W]`` and integer label tensors).
         flip: average the features of the image and its horizontal flip (then renormalise).
-        accelerator: an `accelerate.Accelerator` or `PartialState` (None: the current state); with
-            several processes each rank embeds a contiguous share and all ranks receive the full result.
+        mixed_precision: ``"bf16"``/``"fp16"`` autocast, or None/``"no"``; under an ``accelerator`` its own
+            autocast applies (a different explicit value is an error).
+        accelerator: the run's `accelerate.Accelerator` (None: the current process state). With several
+            processes each one embeds every num_processes-th batch and every process receives the full
+            result, in dataset order (`Accelerator.gather_for_metrics`).
     Returns:
         [`ExtractedFeatures`] on the model's device.
     """
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
     device = model.device
-    total = len(dataset)
-    state = accelerator if accelerator is not None else PartialState()
-    world, rank = state.num_processes, state.process_index
-    share = -(-total // world)
-    start, stop = min(rank * share, total), min((rank + 1) * share, total)
-    subset = dataset if world == 1 else Subset(dataset, range(start, stop))
     # an own generator: creating the iterator must not consume the global RNG (exact resume)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
                         generator=torch.Generator())
+    sharded = (accelerator if accelerator is not None else PartialState()).num_processes > 1
+    if sharded:
+        # as the Trainer evaluates: each process embeds every num_processes-th batch, and gather_for_metrics
+        # returns each step's batches in dataset order, without the samples repeated to even out the shares
+        if not isinstance(accelerator, Accelerator):
+            accelerator = Accelerator()
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    if isinstance(accelerator, Accelerator):
+        if mixed_precision not in (None, "no", accelerator.mixed_precision):
+            raise ValueError(f"mixed_precision={mixed_precision!r} contradicts the Accelerator's "
+                             f"{accelerator.mixed_precision!r}")
+        autocast = accelerator.autocast
+    else:
+        def autocast():
+            return autocast_context(device, mixed_precision)
 
     was_training = model.training
     model.eval()
     reid, align, labels = [], [], {}
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
+        for batch in tqdm(loader, desc=desc, disable=not progress or not PartialState().is_main_process, leave=False):
             pixels = batch["pixel_values"].to(device, non_blocking=True)
-            with autocast_context(device, mixed_precision):
+            with autocast():
                 out = model.get_reid_outputs(pixels)
                 feats, aligned = out.reid_features.float(), out.alignment_features.float()
                 if flip:
                     out_f = model.get_reid_outputs(pixels.flip(-1))
                     feats = torch.nn.functional.normalize(feats + out_f.reid_features.float(), dim=-1)
                     aligned = (aligned + out_f.alignment_features.float()) / 2
-            reid.append(feats)
+            step = {"reid": feats, **{key: batch[key].to(device) for key in label_keys if key in batch}}
             if with_alignment:
-                align.append(aligned)
-            for key in label_keys:
-                if key in batch:
-                    labels.setdefault(key, []).append(batch[key].to(device))
+                step["align"] = aligned
+            if sharded:
+                step = accelerator.gather_for_metrics(step)
+            reid.append(step.pop("reid"))
+            if with_alignment:
+                align.append(step.pop("align"))
+            for key, value in step.items():
+                labels.setdefault(key, []).append(value)
     finally:
         model.train(was_training)
 
     dim = model.reid_feature_dim
     reid_t = torch.cat(reid) if reid else torch.zeros(0, dim, device=device)
     align_t = torch.cat(align) if align else None
-    labels_t = {k: torch.cat(v) for k, v in labels.items()}
-    if world > 1:
-        reid_t = _gather_rows(reid_t, total, share)
-        align_t = _gather_rows(align_t, total, share) if with_alignment else None
-        labels_t = {k: _gather_rows(v, total, share) for k, v in labels_t.items()}
-    return ExtractedFeatures(reid_t, align_t, labels_t)
-
-
-def _gather_rows(rows: torch.Tensor, total: int, share: int) -> torch.Tensor:
-    """Gather per-rank contiguous shares (padded to ``share`` rows) back into ``[total, ...]``."""
-    from accelerate.utils import gather
-
-    if rows.shape[0] < share:
-        pad = torch.zeros(share - rows.shape[0], *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-        rows = torch.cat([rows, pad])
-    gathered = gather(rows.contiguous())
-    return gathered[:total]  # only trailing ranks are short, so the padding sits at the end
-
-
-
+    return ExtractedFeatures(reid_t, align_t, {k: torch.cat(v) for k, v in labels.items()})
 
 
 METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
@@ -167,4 +154,5 @@ def evaluate_reid_model(
         query.reid_features, gallery.reid_features, query.labels["pids"], gallery.labels["pids"],
         query.labels["camids"], gallery.labels["camids"], rerank=rerank,
     )
-__all__ = ["METRIC_KEYS", "ExtractedFeatures", "autocast_context", "evaluate_reid_model", "extract_features"]
+
+__all__ = ["METRIC_KEYS", "ExtractedFeatures", "evaluate_reid_model", "extract_features"]

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..precision import MIXED_PRECISIONS, resolve_mixed_precision
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("prompt", "icdl", "ical")
 OPTIMIZERS = ("adam", "sgd")
-MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -159,21 +160,10 @@ class CCAFLTrainingArguments(TrainingArguments):
 
     def _resolve_mixed_precision(self) -> None:
         """Turn ``mixed_precision`` (no|fp16|bf16|auto) and ``--bf16``/``--fp16`` into one concrete choice."""
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise ValueError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
-        if self.bf16 and self.fp16:
-            raise ValueError("--bf16 and --fp16 exclude each other")
-        explicit = "bf16" if self.bf16 else "fp16" if self.fp16 else None
-        if explicit is None and self.mixed_precision == "auto" and _cuda_available():
-            import torch
-
-            explicit = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif explicit is None and self.mixed_precision in ("bf16", "fp16"):
-            explicit = self.mixed_precision
-        elif explicit is not None and self.mixed_precision in ("bf16", "fp16") and self.mixed_precision != explicit:
-            raise ValueError(f"--mixed_precision {self.mixed_precision} contradicts --{explicit}")
+        explicit = resolve_mixed_precision(self.mixed_precision, bf16=self.bf16, fp16=self.fp16,
+                                           device="cpu" if self.use_cpu else None)
         self.bf16, self.fp16 = explicit == "bf16", explicit == "fp16"
-        self.mixed_precision = explicit or "no"
+        self.mixed_precision = explicit
 
     @property
     def pk_batch_size(self) -> int:
