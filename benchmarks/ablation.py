@@ -86,7 +86,7 @@ def run_one(name: str, seed: int, out: Path, extra: list[str], rerun: bool) -> d
         return {"results": json.loads(results_file.read_text()), "seconds": None}
     command = [
         sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--overwrite_output_dir",
-        "--seed", str(seed), "--disable_tqdm", "true", *RUNS[name], *extra,
+        "--seed", str(seed), "--disable_tqdm", "true", "--num_threads", "1", *RUNS[name], *extra,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     log = out / f"{name}-seed{seed}.log"

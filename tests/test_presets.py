@@ -20,7 +20,7 @@ PER_DATASET = {
 }
 # shared by every full-scale preset: schedule, sampling, memories, stage 1
 COMMON = dict(
-    learning_rate=3.5e-4, weight_decay=5e-4, warmup_epochs=10, warmup_factor=0.01, lr_decay_epochs="40,50",
+    learning_rate=3.5e-4, weight_decay=5e-4, warmup_epochs=10, warmup_factor=0.01, lr_decay_epochs=[40, 50],
     lr_decay_gamma=0.1, max_grad_norm=0.0, num_instances=8, iters_per_epoch=200, icdl_epochs=5, ical_epochs=75,
     memory_instances=32, memory_temperature=0.05, memory_momentum=0.1, triplet_margin=0.3, label_smoothing=0.1,
     adversarial_epsilon=0.8, adversarial_tau=0.2, classifier_scale=16.0, random_erasing_prob=0.5,

@@ -58,7 +58,7 @@ def test_every_result_setting_is_fingerprinted_by_default(tmp_path):
 @pytest.mark.parametrize(
     "change",
     [{"association_rate": 1.5}, {"memory_lambda": 0.0}, {"use_adversarial_loss": False}, {"prompt_epochs": 7},
-     {"lr_decay_epochs": "30,50"}, {"random_erasing_prob": 0.1}, {"icdl_epochs": 4}, {"bf16": True},
+     {"lr_decay_epochs": [30, 50]}, {"random_erasing_prob": 0.1}, {"icdl_epochs": 4}, {"bf16": True},
      {"optimizer": "sgd"}, {"sgd_momentum": 0.5}, {"freeze_patch_embedding": True}, {"mixed_precision": "bf16"},
      {"max_grad_norm": 1.0}],
 )
@@ -68,7 +68,7 @@ def test_a_result_setting_changes_the_fingerprint(tmp_path, change):
 
 @pytest.mark.parametrize(
     "change",
-    [{"logging_steps": 7}, {"dataloader_num_workers": 3}, {"torch_num_threads": 1}, {"save_total_limit": 5},
+    [{"logging_steps": 7}, {"dataloader_num_workers": 3}, {"save_total_limit": 5},
      {"disable_tqdm": True}, {"report_to": "none"}, {"overwrite_output_dir": True}],
 )
 def test_a_run_only_setting_does_not(tmp_path, change):

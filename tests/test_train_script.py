@@ -26,6 +26,7 @@ SMALL_RUN = [
     "--prompt_epochs", "3", "--icdl_epochs", "2", "--ical_epochs", "3", "--iters_per_epoch", "4",
     "--ical_image_text_start_epoch", "2", "--adversarial_start_epoch", "3", "--adversarial_end_epoch", "4",
     "--disable_tqdm", "true",
+    "--num_threads", "1",  # the bit-for-bit resume checks compare runs of several processes: one float-sum order
 ]
 
 
@@ -39,7 +40,7 @@ def trained(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
-        assert torch.get_num_threads() == threads  # the demo preset's --torch_num_threads 1 is for the run only
+        assert torch.get_num_threads() == threads  # --num_threads is for the run only
     finally:
         if old is None:
             os.environ.pop("CCAFL_HF_CACHE")
@@ -211,7 +212,9 @@ def test_sigkill_at_every_stage_boundary_then_resume_matches(trained, tmp_path):
         (["--preset", "paper-cuhk"], "unknown preset 'paper-cuhk'"),
         (["--dataset", "market1501"], "data_dir"),
         (["--stages", "icdl,ical"], "prefix"),
+        (["--stages", "icdl", "ical"], "prefix"),
         (["--dataset_options", '{"num_cameras": 1}'], "camera"),
+        (["--num_threads", "0"], "--num_threads"),
     ],
 )
 def test_bad_input_one_clear_line(argv, message, tmp_path, capsys):
@@ -221,6 +224,33 @@ def test_bad_input_one_clear_line(argv, message, tmp_path, capsys):
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--num_threads", "--torch_num_threads"])
+def test_num_threads_is_a_process_option_for_the_run_only(flag, tmp_path, monkeypatch, capsys):
+    """The thread count applies while the run trains, is restored after, and is no setting of the run."""
+    import ccafl_hf.pipeline
+
+    seen = []
+    monkeypatch.setattr(ccafl_hf.pipeline, "run_training", lambda *a: seen.append(torch.get_num_threads()) or
+                        {"stages": {}, "mAP": 0.0})
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    assert train_main(["--output_dir", str(tmp_path / "out"), flag, str(target)]) == 0
+    assert seen == [target] and torch.get_num_threads() == before
+    assert train_main(["--output_dir", str(tmp_path / "out"), flag, str(target), "--print_settings"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert not any("threads" in key for group in settings.values() if isinstance(group, dict) for key in group)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--stages", "prompt", "icdl", "--lr_decay_epochs", "3", "4"], ["--stages", "prompt,icdl", "--lr_decay_epochs", "3,4"],
+     ["--stages=prompt,icdl", "--lr_decay_epochs=3,4"]],
+)
+def test_list_flags_take_lists_and_the_comma_form(argv, tmp_path):
+    _, _, args = parse_train_args(["--output_dir", str(tmp_path), *argv])
+    assert args.stages == ["prompt", "icdl"] and args.lr_decay_epochs == [3, 4]
 
 
 def test_output_dir_of_another_run_is_refused(trained, tmp_path, capsys):

@@ -99,7 +99,7 @@ def render_model_card(model, args, model_args, data_args, info, results: dict[st
         image_size=f"{model.config.image_size[0]}×{model.config.image_size[1]}",
         reid_feature=model.config.reid_feature,
         feature_dim=model.reid_feature_dim,
-        stages=", ".join(args.stage_list),
+        stages=", ".join(args.stages),
         training_data=training_data,
         training_settings=training_settings,
         results_table=_results_table(results),

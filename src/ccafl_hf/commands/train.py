@@ -8,6 +8,7 @@ import sys
 from importlib import resources
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser
 
 logger = logging.getLogger("ccafl_hf")
@@ -39,20 +40,49 @@ def _peek_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+#: list-valued flags that also take the comma-separated form of 0.1.0 (``--stages prompt,icdl``)
+COMMA_LIST_FLAGS = ("stages", "lr_decay_epochs")
+
+
+def _split_comma_lists(argv: list[str]) -> list[str]:
+    """``--stages prompt,icdl`` / ``--stages=prompt,icdl`` -> ``--stages prompt icdl`` (same for every
+    `COMMA_LIST_FLAGS` flag); other tokens unchanged."""
+    out: list[str] = []
+    in_list = False
+    for token in argv:
+        name, eq, value = token.partition("=")
+        if token.startswith("--") and name[2:] in COMMA_LIST_FLAGS:
+            out.append(name)
+            in_list = True
+            token = value if eq else None
+        elif token.startswith("--"):
+            in_list = False
+        if token is None:
+            continue
+        out.extend([item for item in token.split(",") if item] if in_list else [token])
+    return out
+
+
 def parse_train_args(argv: list[str] | None = None):
     """Parse ``train.py`` arguments: preset values become defaults, explicit flags override them."""
     return _parse_train_command(argv)[:3]
 
 
 def _parse_train_command(argv: list[str] | None = None):
-    """``(model_args, data_args, training_args, print_settings)`` of a ``train.py`` command line."""
+    """``(model_args, data_args, training_args, process_options)`` of a ``train.py`` command line; the process
+    options (``print_settings``, ``num_threads``) are not settings of the run."""
     from ..pipeline import DataArguments, ModelArguments
     from ..trainers.arguments import CCAFLTrainingArguments
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _split_comma_lists(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
     parser.add_argument("--print_settings", action="store_true",
                         help="Print every resolved setting (preset + flags) as JSON and exit without training.")
+    parser.add_argument("--num_threads", "--torch_num_threads", type=int, default=None,
+                        help="CPU threads of torch in this process (a machine setting, not a hyper-parameter: not "
+                             "in the run's settings). Default: torch's own, i.e. OMP_NUM_THREADS, which `accelerate "
+                             "launch` sets to 1 unless given --num_cpu_threads_per_process. On a small shared CPU, 1 "
+                             "avoids the stalls of threads spin-waiting for a core another job holds.")
     parser.error = _raise_usage_error  # a bad flag or value: one line (train_main), not argparse's usage block
     preset_name = _peek_option(argv, "preset", "demo")
     preset = load_preset(preset_name)
@@ -62,7 +92,9 @@ def _parse_train_command(argv: list[str] | None = None):
         raise PresetError(f"preset {preset_name!r} sets unknown argument(s): {', '.join(unknown)}")
     parser.set_defaults(**preset)
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args, extra.print_settings
+    if extra.num_threads is not None and extra.num_threads < 1:
+        raise ValueError(f"--num_threads must be an integer >= 1, got {extra.num_threads}")
+    return model_args, data_args, training_args, extra
 
 
 def _raise_usage_error(message: str):
@@ -92,15 +124,18 @@ def train_main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        model_args, data_args, training_args, print_settings = _parse_train_command(argv)
+        model_args, data_args, training_args, options = _parse_train_command(argv)
     except ValueError as error:  # bad flag values, preset problems, argument validation
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    if print_settings:
+    if options.print_settings:
         from ..pipeline import resolved_settings
 
         print(json.dumps(resolved_settings(model_args, data_args, training_args), indent=2))
         return 0
+    threads = torch.get_num_threads()
+    if options.num_threads is not None:
+        torch.set_num_threads(options.num_threads)
     try:
         results = run_training(model_args, data_args, training_args)
     except (RunError, RunDirectoryError, ModelFolderError, ReIDDatasetError, OSError, RuntimeError) as error:
@@ -110,6 +145,8 @@ def train_main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(line or error)}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # the caller's own count (train_main may run inside another program)
     if training_args.process_index == 0 and results.get("already_finished"):
         print(f"\nnothing trained: this run already finished in {training_args.output_dir} with the same settings "
               f"(final mAP {100 * results.get('mAP', 0.0):.1f}%, all stages in eval_results.json); pass "

@@ -68,7 +68,7 @@ def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None
     if not path.is_dir():
         raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     checkpoints = Path(args.output_dir).resolve() / "checkpoints"
-    if path.parent.parent != checkpoints or path.parent.name not in [*args.stage_list, LOOP_CHECKPOINTS]:
+    if path.parent.parent != checkpoints or path.parent.name not in [*args.stages, LOOP_CHECKPOINTS]:
         raise RunError(
             f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
             f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"

@@ -56,16 +56,9 @@ def run_training(
     """Run the requested stages (resuming what a previous run of the same settings left) and write
     the model, processor, prompt adapter, text features, ``eval_results.json`` and model card.
 
-    ``--torch_num_threads`` applies for the run only: the caller's thread count is restored after.
     Returns the content of ``eval_results.json``.
     """
-    threads = torch.get_num_threads()
-    if args.torch_num_threads is not None:
-        torch.set_num_threads(args.torch_num_threads)
-    try:
-        return _run_stages(model_args, data_args, args)
-    finally:
-        torch.set_num_threads(threads)
+    return _run_stages(model_args, data_args, args)
 
 
 def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
@@ -136,7 +129,7 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
     tokenizer = processor.tokenizer
     text_features = None
 
-    for stage in [s for s in args.stage_list if s not in IMAGE_STAGES]:  # stage 1
+    for stage in [s for s in args.stages if s not in IMAGE_STAGES]:  # stage 1
         # every stage starts from the same random state whether or not the previous ones ran in this process:
         # a run resumed at a stage boundary continues bit for bit
         set_seed(args.seed)
@@ -179,7 +172,7 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
         process.wait_for_everyone()
         kill_point(f"after-{stage}")
 
-    image_stages = [s for s in args.stage_list if s in IMAGE_STAGES]
+    image_stages = [s for s in args.stages if s in IMAGE_STAGES]
     if image_stages:
         set_seed(args.seed)  # as above: the loop starts from the same random state, resumed or not
         prompt_text = Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE
@@ -191,7 +184,7 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
             previous=stage_results.get("prompt", stage_results["untrained"]),
         ))
 
-    last = args.stage_list[-1] if args.stage_list else "untrained"
+    last = args.stages[-1] if args.stages else "untrained"
     results = {**stage_results[last], "stages": stage_results}
     if process.is_main_process:
         save_artifacts(model, processor, args, model_args, data_args, info, results)

@@ -40,7 +40,7 @@ TEMP_PREFIX = ".tmp-"
 KILL_AT_ENV = "CCAFL_HF_KILL_AT"
 
 #: Training arguments that never change what a run computes: where and how it logs, saves and reports,
-#: how many workers/threads it uses, Hub upload. Every other field of the arguments is fingerprinted.
+#: how many workers it uses, Hub upload. Every other field of the arguments is fingerprinted.
 RUN_ONLY_ARGUMENTS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "run_name", "logging_dir", "logging_strategy",
     "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica",
@@ -48,7 +48,7 @@ RUN_ONLY_ARGUMENTS = frozenset({
     "save_on_each_node", "save_only_model", "save_safetensors", "push_to_hub",
     "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
     "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token", "dataloader_num_workers",
-    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor", "torch_num_threads",
+    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "local_rank", "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
     "ddp_broadcast_buffers", "include_num_input_tokens_seen", "include_tokens_per_second",
     "skip_memory_metrics", "restore_callback_states_from_checkpoint", "trackio_space_id", "trackio_bucket_id",

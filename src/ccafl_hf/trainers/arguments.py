@@ -41,7 +41,10 @@ class CCAFLTrainingArguments(TrainingArguments):
         default=False, **_help("Start over: replace the run found in output_dir (deleted only once arguments, data "
                                "and model are checked and training starts) instead of resuming or refusing it.")
     )
-    stages: str = field(default="prompt,icdl,ical", **_help("Comma-separated prefix of prompt,icdl,ical to run."))
+    stages: list[str] = field(
+        default_factory=lambda: list(STAGES),
+        **_help("The stages to run: a prefix of prompt icdl ical (e.g. --stages prompt icdl; prompt,icdl also works)."),
+    )
     remove_unused_columns: bool = field(default=False, **_help("Keep camera/identity columns (must stay False)."))
     learning_rate: float = field(default=3.5e-4, **_help("Stages 2–3 base learning rate (Adam; biases ×2)."))
     weight_decay: float = field(default=5e-4, **_help("Stages 2–3 weight decay (L2, as the reference Adam)."))
@@ -69,7 +72,10 @@ class CCAFLTrainingArguments(TrainingArguments):
     bias_lr_factor: float = field(default=2.0, **_help("Learning-rate factor of bias parameters."))
     warmup_epochs: int = field(default=10, **_help("Linear warm-up epochs of the stage-2/3 loop."))
     warmup_factor: float = field(default=0.01, **_help("Warm-up starts at this fraction of the learning rate."))
-    lr_decay_epochs: str = field(default="40,50", **_help("Epochs of the stage-2/3 loop where the lr is multiplied by gamma."))
+    lr_decay_epochs: list[int] = field(
+        default_factory=lambda: [40, 50],
+        **_help("Epochs of the stage-2/3 loop where the lr is multiplied by gamma (e.g. --lr_decay_epochs 40 50)."),
+    )
     lr_decay_gamma: float = field(default=0.1, **_help("Step decay factor."))
     optimizer: str = field(
         default="adam",
@@ -129,14 +135,6 @@ class CCAFLTrainingArguments(TrainingArguments):
     use_triplet_loss: bool = field(default=True, **_help("Triplet losses (batch-hard and centroid)."))
     use_adversarial_loss: bool = field(default=True, **_help("Camera-adversarial loss of stage 3."))
 
-    # ------------------------------------------------------------------ resources
-    torch_num_threads: int | None = field(
-        default=None,
-        **_help("CPU threads of torch's intra-op pool (torch.set_num_threads, process-wide) for the run; None = "
-                "torch's default. The demo preset sets 1: the tiny model gains ~20 percent from a 2nd thread on an idle "
-                "2-core CPU but runs 2.5-10x slower with it when another job holds the other core (spin-waits)."),
-    )
-
     # ------------------------------------------------------------------ evaluation
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
@@ -152,11 +150,11 @@ class CCAFLTrainingArguments(TrainingArguments):
             logger.info("no CUDA device: dataloader_pin_memory=False (pinning needs an accelerator)")
             self.dataloader_pin_memory = False
         super().__post_init__()
-        self.stage_list = parse_stages(self.stages)
+        self.stages = parse_stages(self.stages)
+        self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: camera and identity columns feed the losses")
         validate_training_arguments(self)
-        self.lr_decay_epoch_list = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
 
     def _resolve_mixed_precision(self) -> None:
         """Turn ``mixed_precision`` (no|fp16|bf16|auto) and ``--bf16``/``--fp16`` into one concrete choice."""
@@ -209,13 +207,19 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _items(value: str | list | tuple) -> list[str]:
+    """``"a,b"``, ``["a", "b"]`` or ``["a,b"]`` -> ``["a", "b"]``."""
+    values = [value] if isinstance(value, str) else list(value)
+    return [item.strip() for v in values for item in str(v).split(",") if item.strip()]
+
+
 def parse_stages(stages: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Validate ``stages`` (a comma-separated prefix of ``prompt,icdl,ical``) and return it as a list."""
-    items = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s.strip()]
+    """Validate ``stages`` (a prefix of ``prompt icdl ical``, as a list or a comma-separated string) and return
+    it as a list."""
+    items = _items(stages)
     if not items or items != list(STAGES[: len(items)]):
-        raise ValueError(
-            f"--stages must be a prefix of {','.join(STAGES)} (e.g. 'prompt' or 'prompt,icdl'), got {stages!r}"
-        )
+        shown = " ".join(_items(stages)) if not isinstance(stages, str) else stages
+        raise ValueError(f"--stages must be a prefix of {' '.join(STAGES)} (e.g. --stages prompt icdl), got {shown!r}")
     return items
 
 
@@ -281,7 +285,6 @@ ARGUMENT_RANGES = (
     ("classifier_scale", _above(0), "a finite number > 0"),
     ("classifier_learning_rate", _above(0), "a finite number > 0"),
     ("classifier_weight_decay", _at_least(0), "a finite number >= 0"),
-    ("torch_num_threads", _optional(_at_least(1)), "an integer >= 1, or None"),
 )
 
 
@@ -297,15 +300,13 @@ def validate_training_arguments(args: CCAFLTrainingArguments) -> None:
     if args.adversarial_end_epoch < args.adversarial_start_epoch:
         raise ValueError(f"--adversarial_end_epoch ({args.adversarial_end_epoch}) must be >= "
                          f"--adversarial_start_epoch ({args.adversarial_start_epoch})")
-    parse_int_list(args.lr_decay_epochs, "--lr_decay_epochs")
 
 
 def parse_int_list(value: str | list[int], flag: str) -> list[int]:
-    """A comma-separated list of integers >= 0 (e.g. ``"40,50"``); a `ValueError` naming ``flag`` otherwise."""
-    items = [str(e).strip() for e in (value.split(",") if isinstance(value, str) else value)]
-    items = [e for e in items if e]
+    """A list of integers >= 0 (also given as ``"40,50"``); a `ValueError` naming ``flag`` otherwise."""
+    items = _items(value)
     if not all(e.isdigit() for e in items):
-        raise ValueError(f"{flag} must be comma-separated integers >= 0 (e.g. 40,50), got {value!r}")
+        raise ValueError(f"{flag} must be integers >= 0 (e.g. {flag} 40 50), got {value!r}")
     return [int(e) for e in items]
 
 

@@ -264,7 +264,7 @@ class CCAFLTrainer(Trainer):
         if loop_epoch < args.warmup_epochs:
             alpha = loop_epoch / max(args.warmup_epochs, 1e-12)
             return args.warmup_factor * (1 - alpha) + alpha
-        return args.lr_decay_gamma ** sum(loop_epoch >= e for e in args.lr_decay_epoch_list)
+        return args.lr_decay_gamma ** sum(loop_epoch >= e for e in args.lr_decay_epochs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
