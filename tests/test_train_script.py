@@ -238,6 +238,7 @@ def test_num_threads_is_a_process_option_for_the_run_only(flag, tmp_path, monkey
     target = 1 if before != 1 else 2
     assert train_main(["--output_dir", str(tmp_path / "out"), flag, str(target)]) == 0
     assert seen == [target] and torch.get_num_threads() == before
+    capsys.readouterr()
     assert train_main(["--output_dir", str(tmp_path / "out"), flag, str(target), "--print_settings"]) == 0
     settings = json.loads(capsys.readouterr().out)
     assert not any("threads" in key for group in settings.values() if isinstance(group, dict) for key in group)
