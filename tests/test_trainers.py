@@ -98,17 +98,22 @@ def test_batches_never_carry_cross_camera_identity(training_setup, tmp_path):
     assert ids.numel() == args.pk_batch_size and ids.unique().numel() == args.num_identities_per_batch
 
 
-def test_one_loop_ical_raises_cross_camera_map_over_icdl(training_setup, tmp_path):
-    """ICDL then ICAL in one `CCAFLTrainer` loop, evaluated through `evaluate` at the end of each stage."""
-    dataset, info, model, _, train_collator, eval_collator = training_setup
-    args = _args(tmp_path, icdl_epochs=3, ical_epochs=3, iters_per_epoch=10)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_one_loop_ical_raises_cross_camera_map_over_icdl(seed, small_synthetic, tmp_path):
+    """ICDL then ICAL in one `CCAFLTrainer` loop, evaluated through `evaluate` at the end of each stage.
+    ICAL's gain over ICDL on this small set (random tiny model) was +1.6, +1.9 and +3.4 mAP points on
+    seeds 0, 1, 2 (from about 4 %): asserted as at least 1 point on two seeds."""
+    dataset, info = small_synthetic
+    model, processor = create_tiny_model(seed=seed)
+    train_collator, eval_collator = _collators(model, processor)
+    args = _args(tmp_path, icdl_epochs=3, ical_epochs=3, iters_per_epoch=10, seed=seed)
     module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator,
                            eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]},
                            diagnostic_pids=info.identity_diagnostic_pids)
     trainer.train()
     icdl, ical = trainer.stage_results["icdl"], trainer.stage_results["ical"]
-    assert ical["mAP"] > icdl["mAP"], (icdl["mAP"], ical["mAP"])
+    assert ical["mAP"] > icdl["mAP"] + 0.01, (icdl["mAP"], ical["mAP"])
     # the metrics were logged (they reach report_to) once per stage, at the stage's last step
     steps_per_epoch = args.iters_per_epoch
     evals = [(entry["step"], entry["eval_mAP"]) for entry in trainer.state.log_history if "eval_mAP" in entry]
