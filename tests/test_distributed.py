@@ -41,11 +41,10 @@ def test_two_process_run_keeps_memories_and_pseudo_labels_identical(small_synthe
 def test_two_process_extraction_equals_one_process_in_dataset_order(small_synthetic, tmp_path):
     """Each process embeds every other batch (the last one short); both receive every feature, in dataset
     order, equal to a one-process extraction; with or without an Accelerator passed in."""
-    from distributed_worker import EXTRACT_BATCH, EXTRACT_ROWS
-
     from ccafl_hf import create_tiny_model
     from ccafl_hf.data import ReIDCollator, build_eval_transform
     from ccafl_hf.evaluation import extract_features
+    from distributed_worker import EXTRACT_BATCH, EXTRACT_ROWS
 
     dataset, _ = small_synthetic
     data_dir = Path(dataset["train"][0]["image_path"]).parent.parent
