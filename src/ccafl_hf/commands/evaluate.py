@@ -20,6 +20,7 @@ from .options import (
     fail,
     load_dataset_from_args,
     load_model_from_args,
+    metrics_table,
     positive_int,
     setup_logging,
 )
@@ -48,11 +49,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
 
 def format_metrics(metrics: dict) -> str:
     """Two lines: the names of `METRIC_KEYS` and their values in percent."""
-    from ..evaluation import METRIC_KEYS
-
-    head = "".join(f"{k:>9}" for k in METRIC_KEYS)
-    values = "".join(f"{100 * metrics[k]:>8.1f}%" for k in METRIC_KEYS)
-    return f"{head}\n{values}"
+    return metrics_table({"": metrics})
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

@@ -101,6 +101,20 @@ def extraction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 mixed_precision=resolve_mixed_precision(bf16=args.bf16, fp16=args.fp16), progress=not args.no_progress)
 
 
+def metrics_table(rows: dict[str, dict[str, float]], label: str | None = None) -> str:
+    """The one metrics table of the commands: a header of `METRIC_KEYS`, then one line per non-empty row
+    (fractions shown in percent); with ``label``, a first column headed ``label`` holds the row names."""
+    from ..evaluation import METRIC_KEYS
+
+    def line(name: str, cells: str) -> str:
+        return (f"{name:<10}" if label is not None else "") + cells
+
+    lines = [line(label or "", "".join(f"{k:>9}" for k in METRIC_KEYS))]
+    lines += [line(name, "".join(f"{100 * metrics[k]:>8.1f}%" for k in METRIC_KEYS))
+              for name, metrics in rows.items() if metrics]
+    return "\n".join(lines)
+
+
 def load_dataset_from_args(args: argparse.Namespace):
     """The `load_reid_dataset` splits that ``--dataset/--data_dir/--dataset_options`` name."""
     from ..data import load_reid_dataset
@@ -155,5 +169,6 @@ __all__ = [
     "faiss_use_gpu",
     "load_dataset_from_args",
     "load_model_from_args",
+    "metrics_table",
     "setup_logging",
 ]

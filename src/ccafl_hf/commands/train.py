@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from .options import metrics_table
+
 logger = logging.getLogger("ccafl_hf")
 
 
@@ -101,16 +103,6 @@ def _raise_usage_error(message: str):
     raise ValueError(message)
 
 
-def _format_table(results: dict[str, Any]) -> str:
-    keys = ("mAP", "rank1", "rank5", "rank10", "mINP")
-    lines = [f"{'stage':<10}" + "".join(f"{k:>9}" for k in keys)]
-    for stage, metrics in results["stages"].items():
-        if not metrics:
-            continue
-        lines.append(f"{stage:<10}" + "".join(f"{100 * metrics[k]:>8.1f}%" for k in keys))
-    return "\n".join(lines)
-
-
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
@@ -153,7 +145,7 @@ def train_main(argv: list[str] | None = None) -> int:
               "--overwrite_output_dir to train it again")
     elif training_args.process_index == 0:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")
-        print(_format_table(results))
+        print(metrics_table(results["stages"], label="stage"))
         print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")
     return 0
 
