@@ -17,10 +17,12 @@ def _features(m: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(m, D, generator=torch.Generator().manual_seed(seed)), dim=1)
 
 
-def _initialized_memory(num_instances: int = 4, seed: int = 0) -> tuple[CameraMemory, torch.Tensor, torch.Tensor]:
+def _initialized_memory(
+    num_instances: int = 4, seed: int = 0, identity_camids: torch.Tensor = IDENTITY_CAMIDS
+) -> tuple[CameraMemory, torch.Tensor, torch.Tensor]:
     ids = torch.cat([torch.arange(N), torch.randint(0, N, (30,), generator=torch.Generator().manual_seed(seed))])
     feats = _features(len(ids), seed + 1)
-    memory = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=num_instances, momentum=0.1, temperature=0.05)
+    memory = CameraMemory(N, D, identity_camids, num_instances=num_instances, momentum=0.1, temperature=0.05)
     memory.initialize(feats, ids, generator=torch.Generator().manual_seed(seed + 2))
     return memory, feats, ids
 
@@ -104,7 +106,8 @@ def _ref_memory_losses(memory: CameraMemory, feats: torch.Tensor, ids: torch.Ten
     centroid, instance = [], []
     for b in range(len(ids)):
         y = int(ids[b])
-        own = [n for n in range(N) if IDENTITY_CAMIDS[n] == IDENTITY_CAMIDS[y]]
+        cams = memory.identity_camids
+        own = [n for n in range(N) if cams[n] == cams[y]]
         target = torch.tensor([own.index(y)])
         logits = torch.stack([feats[b] @ memory.centroids[n] / tau for n in own])
         centroid.append(F.cross_entropy(logits.unsqueeze(0), target))
@@ -116,8 +119,13 @@ def _ref_memory_losses(memory: CameraMemory, feats: torch.Tensor, ids: torch.Ten
     return torch.stack(centroid).mean(), torch.stack(instance).mean()
 
 
-def test_camera_memory_losses_and_gradients_match_loop():
-    memory, _, _ = _initialized_memory(num_instances=5)
+# cameras laid end to end (the per-camera blocks), in another camera order, and interleaved (the masked path)
+CAMERA_LAYOUTS = [IDENTITY_CAMIDS, torch.tensor([2, 2, 0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 1, 0, 2, 1, 2, 2, 0, 2])]
+
+
+@pytest.mark.parametrize("identity_camids", CAMERA_LAYOUTS, ids=["contiguous", "reordered", "interleaved"])
+def test_camera_memory_losses_and_gradients_match_loop(identity_camids):
+    memory, _, _ = _initialized_memory(num_instances=5, identity_camids=identity_camids)
     ids = torch.tensor([0, 0, 2, 3, 3, 4, 5, 8, 8, 8])
     feats = _features(len(ids), 20)
     x1, x2 = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
@@ -130,6 +138,20 @@ def test_camera_memory_losses_and_gradients_match_loop():
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(memory.loss(feats, ids, centroid_weight=0.6), 0.6 * ref_c + 0.4 * ref_i)
     torch.testing.assert_close(memory.loss(feats, ids, centroid_weight=0.0), ref_i)
+
+
+@pytest.mark.parametrize("identity_camids", CAMERA_LAYOUTS[:2], ids=["contiguous", "reordered"])
+def test_camera_memory_per_camera_blocks_equal_the_masked_path(identity_camids, monkeypatch):
+    """The per-camera blocks give the same [B, N] logits, -inf entries included, in batch order."""
+    memory, _, _ = _initialized_memory(num_instances=5, identity_camids=identity_camids)
+    ids = torch.tensor([8, 0, 3, 8, 5, 2, 6, 1])
+    feats = _features(len(ids), 22)
+    assert memory._camera_blocks() is not None
+    blocks = memory.hard_instance_logits(feats, ids)
+    monkeypatch.setattr(memory, "_camera_blocks", lambda: None)
+    masked = memory.hard_instance_logits(feats, ids)
+    assert torch.equal(torch.isinf(blocks), ~memory._own_camera_mask(ids))
+    torch.testing.assert_close(blocks, masked)
 
 
 def test_camera_memory_camera_sum_matches_a_loop_over_cameras():

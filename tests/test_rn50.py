@@ -144,6 +144,42 @@ def test_gem_pooling_matches_the_formula():
         assert torch.isfinite(pool((x * 100).bfloat16())).all()
 
 
+def test_attention_pool_equals_multi_head_attention_with_gradients():
+    """The single-query form (no key/value projection of the tokens) against torch's multi-head
+    attention over projected keys and values, outputs and every gradient."""
+    from ccafl_hf.modeling_ccafl_resnet import CCAFLResNetAttentionPool
+
+    torch.manual_seed(0)
+    config = CCAFLConfig(vision_config={"model_type": "ccafl_resnet_vision", "width": 8, "layers": [1, 1, 1, 1],
+                                        "num_attention_heads": 4, "output_dim": 24},
+                        projection_dim=24).vision_config
+    pool = CCAFLResNetAttentionPool(config, (4, 2)).double()  # float64: the two forms round differently
+    with torch.no_grad():
+        for parameter in pool.parameters():
+            parameter.normal_(0, 0.3)
+    feature_map = torch.randn(3, config.hidden_size, 4, 2, dtype=torch.float64, requires_grad=True)
+
+    tokens = feature_map.flatten(2).permute(2, 0, 1)  # [L, B, C], as CLIP's AttentionPool2d
+    tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens]) + pool.position_embedding[:, None]
+    expected, _ = F.multi_head_attention_forward(
+        tokens[:1], tokens, tokens, config.hidden_size, pool.num_heads,
+        None, torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+        pool.out_proj.weight, pool.out_proj.bias, use_separate_proj_weight=True,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        need_weights=False,
+    )
+    expected = expected.squeeze(0)
+    weights = torch.randn_like(expected)
+    inputs = [feature_map, *pool.parameters()]
+    expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+    out = pool(feature_map)
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    assert all(g is not None for g in grads)  # every parameter takes part (DDP needs it)
+    for name, got, want in zip(["feature_map", *(n for n, _ in pool.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_attention_pool_position_resize_keeps_square_grid():
     weight = torch.randn(1 + 49, 8)
     assert resize_attention_pool_positions(weight, (7, 7)) is weight

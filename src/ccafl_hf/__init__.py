@@ -13,7 +13,7 @@ from .modeling_ccafl_resnet import CCAFLResNetVisionModel
 from .processing import build_image_processor, build_reid_processor, load_tokenizer
 from .tiny import build_tiny_tokenizer, create_tiny_model, tiny_config
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 AutoConfig.register(CCAFLConfig.model_type, CCAFLConfig, exist_ok=True)
 AutoConfig.register(CCAFLResNetVisionConfig.model_type, CCAFLResNetVisionConfig, exist_ok=True)

@@ -206,28 +206,64 @@ class CameraMemory(nn.Module):
             logits = features.float() @ self.centroids.t() / self.temperature
             return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
 
+    def _camera_blocks(self) -> list[tuple[int, int]] | None:
+        """``(start, end)`` identity range of every camera, in camera order, when each camera's
+        identities are contiguous (the layout of `intra_camera_index`); ``None`` otherwise."""
+        cams = self.identity_camids
+        values, counts = torch.unique_consecutive(cams, return_counts=True)
+        if values.numel() != torch.unique(cams).numel():
+            return None
+        ends = torch.cumsum(counts, 0).tolist()
+        return list(zip([0, *ends[:-1]], ends))
+
     def hard_instance_logits(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` fp32 logits: the true identity's **least** similar instance, every other identity's
         **most** similar instance, divided by ``tau``; ``-inf`` outside the sample's camera.
 
-        The ``[B, N * I]`` similarities are computed once; the selection is made without gradient and
-        the chosen entries are gathered, so autograd keeps no ``[B, N, I]`` tensor.
+        When each camera's identities are contiguous (always, for datasets built by this package)
+        the similarities are computed camera by camera, ``[B_c, N_c * I]`` against that camera's
+        instances only (about ``1 / cameras`` of the work); otherwise against all ``N * I`` instances,
+        then masked. Either way the selection is made without gradient and the chosen entries are
+        gathered, so autograd keeps no ``[B, N, I]`` tensor.
         """
         self._check_batch(features, intra_ids)
         self._require_initialized()
-        n, slots = self.num_identities, self.num_instances
+        blocks = self._camera_blocks()
         with fp32_region(features.device):
-            sims = features.float() @ self.instances.reshape(n * slots, -1).t()  # [B, N*I]
-            with torch.no_grad():
-                per_identity = sims.detach().reshape(-1, n, slots)
-                chosen = per_identity.argmax(2)  # hardest negatives
-                hardest_positive = per_identity.gather(
-                    1, intra_ids.view(-1, 1, 1).expand(-1, 1, slots)
-                ).squeeze(1).argmin(1)
-                chosen.scatter_(1, intra_ids.unsqueeze(1), hardest_positive.unsqueeze(1))
-                index = chosen + torch.arange(n, device=chosen.device).unsqueeze(0) * slots
-            logits = sims.gather(1, index) / self.temperature
-            return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
+            x = features.float()
+            ids = intra_ids.long()
+            if blocks is None:
+                logits = self._hard_instance_block(x, ids, 0, self.num_identities)
+                return logits.masked_fill(~self._own_camera_mask(ids), float("-inf"))
+            # group the batch by camera (one host sync for the group sizes), one block per camera present
+            ends = torch.tensor([end for _, end in blocks], device=ids.device)
+            camera_index = torch.bucketize(ids, ends, right=True)  # block of each sample's identity
+            order = torch.argsort(camera_index, stable=True)
+            sizes = torch.bincount(camera_index, minlength=len(blocks)).tolist()
+            pieces, offset = [], 0
+            for (start, end), size in zip(blocks, sizes):
+                if size == 0:
+                    continue
+                rows = order[offset:offset + size]
+                offset += size
+                block = self._hard_instance_block(x[rows], ids[rows] - start, start, end)
+                pieces.append(F.pad(block, (start, self.num_identities - end), value=float("-inf")))
+            return torch.cat(pieces)[torch.argsort(order)]
+
+    def _hard_instance_block(self, x: torch.Tensor, local_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Hard-instance logits ``[b, end - start]`` of features ``x [b, D]`` (fp32) against identities
+        ``start..end-1``; ``local_ids`` ``[b]`` are the samples' identities minus ``start``."""
+        n, slots = end - start, self.num_instances
+        sims = x @ self.instances[start:end].reshape(n * slots, -1).t()  # [b, n*I], a view of the buffer
+        with torch.no_grad():
+            per_identity = sims.detach().reshape(-1, n, slots)
+            chosen = per_identity.argmax(2)  # hardest negatives
+            hardest_positive = per_identity.gather(
+                1, local_ids.view(-1, 1, 1).expand(-1, 1, slots)
+            ).squeeze(1).argmin(1)
+            chosen.scatter_(1, local_ids.unsqueeze(1), hardest_positive.unsqueeze(1))
+            index = chosen + torch.arange(n, device=chosen.device).unsqueeze(0) * slots
+        return sims.gather(1, index) / self.temperature
 
     def _reduce(self, logits: torch.Tensor, intra_ids: torch.Tensor, reduction: str) -> torch.Tensor:
         per_sample = F.cross_entropy(logits, intra_ids.long(), reduction="none")
