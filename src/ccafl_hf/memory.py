@@ -235,7 +235,8 @@ class CameraMemory(nn.Module):
             if blocks is None:
                 logits = self._hard_instance_block(x, ids, 0, self.num_identities)
                 return logits.masked_fill(~self._own_camera_mask(ids), float("-inf"))
-            # group the batch by camera (one host sync for the group sizes), one block per camera present
+            # group the batch by camera (the block ranges and group sizes are read on the host), one block
+            # per camera present
             ends = torch.tensor([end for _, end in blocks], device=ids.device)
             camera_index = torch.bucketize(ids, ends, right=True)  # block of each sample's identity
             order = torch.argsort(camera_index, stable=True)
