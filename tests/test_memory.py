@@ -309,3 +309,10 @@ def test_identity_classifier_bf16_and_bad_inputs():
         classifier(torch.randn(3, D + 1))
     with pytest.raises(ValueError, match="intra_ids"):
         classifier.classification_loss(torch.randn(3, D), torch.tensor([0, 1]))
+
+
+def test_camera_memory_empty_batch_gives_zero_loss():
+    memory, _, _ = _initialized_memory()
+    empty = torch.zeros(0, dtype=torch.long)
+    assert memory.hard_instance_logits(torch.zeros(0, D), empty).shape == (0, N)
+    assert memory.loss(torch.zeros(0, D), empty).item() == 0.0

@@ -49,6 +49,16 @@ def test_onnx_features_match_the_model(trained_like_model, tmp_path):
     assert json.loads(props["image_mean"]) == pytest.approx(list(processor.image_processor.image_mean))
 
 
+def test_onnx_rn50_projection_feature_goes_through_the_attention_pool(tmp_path):
+    """With ``reid_feature="projection"`` the exported graph contains the RN50 attention pool."""
+    model, _ = create_tiny_model(seed=1, backbone="rn50")
+    model.config.reid_feature = "projection"
+    path = export_onnx(model.eval(), tmp_path / "rn50-projection.onnx")
+    assert model.reid_feature_dim == model.projection_dim
+    assert {"Softmax", "Einsum"} & {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert verify_onnx(model, path, batch_sizes=(1, 3)) < 1e-4
+
+
 def test_verify_onnx_detects_a_different_model(tmp_path):
     model, _ = create_tiny_model(seed=0)
     other, _ = create_tiny_model(seed=2)

@@ -207,7 +207,7 @@ class CameraMemory(nn.Module):
             return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
 
     def _camera_blocks(self) -> list[tuple[int, int]] | None:
-        """``(start, end)`` identity range of every camera, in camera order, when each camera's
+        """``(start, end)`` identity range of every camera, in identity order, when each camera's
         identities are contiguous (the layout of `intra_camera_index`); ``None`` otherwise."""
         cams = self.identity_camids
         values, counts = torch.unique_consecutive(cams, return_counts=True)
@@ -232,7 +232,7 @@ class CameraMemory(nn.Module):
         with fp32_region(features.device):
             x = features.float()
             ids = intra_ids.long()
-            if blocks is None:
+            if blocks is None or ids.numel() == 0:
                 logits = self._hard_instance_block(x, ids, 0, self.num_identities)
                 return logits.masked_fill(~self._own_camera_mask(ids), float("-inf"))
             # group the batch by camera (the block ranges and group sizes are read on the host), one block
