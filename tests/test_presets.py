@@ -62,9 +62,22 @@ def test_print_settings_shows_the_preset_values(name, tmp_path, capsys):
         assert training[key] == (pytest.approx(value) if isinstance(value, float) else value), key
     # mixed precision where the device allows it: the preset asks for "auto" (resolved at run time)
     assert load_preset(name)["mixed_precision"] == "auto"
+    # each full-scale preset names its dataset and its own output folder (never the demo's)
+    assert settings["data"]["dataset"] == dataset
+    assert load_preset(name)["output_dir"] == f"outputs/{name}"
     description = json.loads((resources.files("ccafl_hf") / "presets" / f"{name}.json").read_text())["_description"]
     assert ("paper's setting" in description) == (recipe == "paper")
     assert "METHOD" not in description
+
+
+def test_print_settings_says_what_auto_mixed_precision_resolved_to(tmp_path, capsys):
+    """On this CPU machine "auto" resolves to "no"; the JSON shows the resolved value and stderr says why."""
+    code = train_main(["--preset", "paper-market1501", "--output_dir", str(tmp_path / "out"), "--print_settings"])
+    captured = capsys.readouterr()
+    assert code == 0 and json.loads(captured.out)["training"]["mixed_precision"] == "no"
+    assert "mixed_precision 'auto' resolved to 'no' on this machine" in captured.err
+    code = train_main(["--output_dir", str(tmp_path / "out"), "--print_settings"])  # the demo asks for "no"
+    assert code == 0 and "resolved to" not in capsys.readouterr().err
 
 
 def test_print_settings_applies_flags_over_the_preset(tmp_path, capsys):

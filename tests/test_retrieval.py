@@ -225,3 +225,23 @@ def test_retrieval_cli_embed_index_search(image_folders, saved_tiny, tmp_path, c
                            "--queries", str(gallery_file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "none.safetensors" in err[0]
+
+
+@pytest.mark.parametrize("command", ["embed", "search"])
+def test_missing_image_folder_is_reported_before_the_model_loads(command, tmp_path, capsys, monkeypatch):
+    import ccafl_hf.commands.retrieval as retrieval_command
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the image folder was checked")
+
+    monkeypatch.setattr(retrieval_command, "load_model_from_args", no_model)
+    missing = tmp_path / "no-such-images"
+    argv = (["embed", "--images", str(missing), "--output", str(tmp_path / "f.safetensors")] if command == "embed"
+            else ["search", "--gallery", str(tmp_path / "g.safetensors"), "--query_images", str(missing)])
+    if command == "search":
+        from ccafl_hf.retrieval import FeatureSet
+
+        FeatureSet(torch.eye(2), ["a.jpg", "b.jpg"]).save(tmp_path / "g.safetensors")
+    assert retrieval_main([*argv, "--model", "outputs/unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such image folder" in err[0], err

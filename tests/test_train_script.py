@@ -313,7 +313,7 @@ def test_paper_preset_offline_fails_with_one_clear_line(tmp_path, capsys, monkey
     """The real path (ViT-B/16 from the Hub) is implemented and, offline, says how to provide the weights."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = train_main(["--preset", "vit-b16-market1501", "--output_dir", str(tmp_path / "out"),
-                       "--dataset_options", json.dumps(SMALL_SYNTHETIC)])
+                       "--dataset", "synthetic", "--dataset_options", json.dumps(SMALL_SYNTHETIC)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "openai/clip-vit-base-patch16" in err[0] and "--model_name_or_path" in err[0]
@@ -475,6 +475,7 @@ def test_a_run_failing_before_training_leaves_the_folder_as_found(tmp_path, caps
 #: Bad values in `--help` order: each is one `error:` line naming the flag, exit 2, before any work.
 BAD_VALUES = [
     (["--model_name_or_path", "{pickle}"], "pytorch_model.bin"),
+    (["--model_name_or_path", "./no-such-folder"], "--model_name_or_path ./no-such-folder: no such folder"),
     (["--image_size", "64"], "--image_size"),
     (["--config_overrides", "[1]"], "--config_overrides must be a JSON object"),
     (["--dataset", "cuhk03"], "cuhk03"),
@@ -526,6 +527,40 @@ def test_bad_value_is_one_line_exit_2_nothing_written(argv, message, tmp_path, c
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "instead"), [
+    ("--num_train_epochs", "1", "--prompt_epochs"),
+    ("--max_steps", "10", "--iters_per_epoch"),
+    ("--per_device_train_batch_size", "64", "--num_identities_per_batch"),
+    ("--lr_scheduler_type", "cosine", "--lr_decay_epochs"),
+    ("--warmup_steps", "5", "--warmup_epochs"),
+    ("--warmup_ratio", "0.1", "--warmup_epochs"),
+    ("--optim", "sgd", "--optimizer"),
+])
+def test_trainer_flags_the_stages_set_are_refused(flag, value, instead, tmp_path, capsys):
+    """A TrainingArguments flag each stage sets itself would be ignored (or, --max_steps, applied to stage 1
+    only): one line naming the flag to use instead, also in the --flag=value form and with --print_settings."""
+    out = tmp_path / "out"
+    for argv in ([flag, value], [f"{flag}={value}"], [flag, value, "--print_settings"]):
+        code = train_main(["--output_dir", str(out), *SMALL_RUN, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {flag} is not used by CCAFL training") and instead in err[0]
+    assert not out.exists()
+
+
+def test_data_dir_without_dataset_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--data_dir with the demo's synthetic dataset still selected: one line asking for --dataset, and the
+    data folder is not created or filled with the synthetic set; --dataset synthetic says it is meant."""
+    data, out = tmp_path / "Market-1501", tmp_path / "out"
+    code = train_main(["--output_dir", str(out), *SMALL_RUN, "--data_dir", str(data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pass --dataset" in err[0] and str(data) in err[0], err
+    assert not data.exists() and not out.exists()
+    code = train_main(["--output_dir", str(out), *SMALL_RUN, "--dataset=synthetic", "--data_dir", str(data),
+                       "--print_settings"])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_help_of_every_command_shows_defaults(capsys):

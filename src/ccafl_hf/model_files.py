@@ -25,15 +25,23 @@ class ModelFolderError(ValueError):
     """A saved model folder that cannot be loaded; the message names the file and what is wrong."""
 
 
+def is_path_like(name: str | os.PathLike) -> bool:
+    """``name`` can only mean a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``), never a Hub id (``owner/name``)."""
+    name = os.fspath(name)
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def check_model_folder(folder: str | os.PathLike, flag: str = "--model") -> None:
-    """Validate a local model folder (see the module docstring); no-op for a name that is no folder.
+    """Validate a local model folder (see the module docstring); no-op for a Hub id.
 
     Raises:
-        ModelFolderError: unreadable/malformed ``config.json``, no safetensors weights (pickle only),
-            a truncated or corrupt safetensors file.
+        ModelFolderError: a path-like name (`is_path_like`) that does not exist, unreadable/malformed
+            ``config.json``, no safetensors weights (pickle only), a truncated or corrupt safetensors file.
     """
     from safetensors import safe_open
 
+    if is_path_like(folder) and not Path(folder).expanduser().exists():
+        raise ModelFolderError(f"{flag} {os.fspath(folder)}: no such folder")
     folder = Path(folder)
     if not folder.is_dir():
         return

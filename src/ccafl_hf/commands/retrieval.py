@@ -89,10 +89,11 @@ def retrieval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from ..retrieval import embed_folder, embed_split
+    from ..retrieval import embed_folder, embed_split, list_images
 
     kwargs = extraction_kwargs(args)
     if args.images:
+        list_images(args.images)  # a missing or empty folder: one line before the model is loaded
         model, image_processor = load_model_from_args(args)
         features = embed_folder(model, args.images, image_processor, metadata={"source": args.images}, **kwargs)
     else:
@@ -123,7 +124,7 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from ..retrieval import FeatureSet, build_index, embed_folder, load_index, search_gallery
+    from ..retrieval import FeatureSet, build_index, embed_folder, list_images, load_index, search_gallery
 
     gallery = FeatureSet.load(args.gallery)
     if args.queries:
@@ -131,6 +132,7 @@ def _search(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ValueError("--query_images needs --model to embed the images")
+        list_images(args.query_images)  # before the model is loaded
         model, image_processor = load_model_from_args(args)
         queries = embed_folder(model, args.query_images, image_processor, **extraction_kwargs(args))
     if queries.dim != gallery.dim:

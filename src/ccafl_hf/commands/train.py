@@ -42,6 +42,41 @@ def _peek_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+#: `transformers.TrainingArguments` flags that CCAFL's stages set themselves (so a value given on the
+#: command line would be ignored or only half applied): refused, naming the flags that do the job
+REPLACED_TRAINER_FLAGS = {
+    "num_train_epochs": "--prompt_epochs, --icdl_epochs and --ical_epochs",
+    "max_steps": "--prompt_epochs, --icdl_epochs, --ical_epochs and --iters_per_epoch",
+    "per_device_train_batch_size": "--prompt_batch_size (stage 1) and --num_identities_per_batch x --num_instances "
+                                   "(stages 2-3)",
+    "lr_scheduler_type": "--warmup_epochs, --warmup_factor, --lr_decay_epochs and --lr_decay_gamma (stages 2-3; "
+                         "stage 1 is cosine with --prompt_warmup_epochs)",
+    "warmup_steps": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
+    "warmup_ratio": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
+    "optim": "--optimizer {adam,sgd}",
+}
+
+
+def _check_replaced_flags(argv: list[str]) -> None:
+    """One line for a `REPLACED_TRAINER_FLAGS` flag given on the command line."""
+    for token in argv:
+        name = token.split("=", 1)[0][2:] if token.startswith("--") else None
+        if name in REPLACED_TRAINER_FLAGS:
+            raise ValueError(f"--{name} is not used by CCAFL training (each stage sets it); use "
+                             f"{REPLACED_TRAINER_FLAGS[name]}")
+
+
+def _check_data_flags(argv: list[str], dataset: str, data_dir: str | None) -> None:
+    """``--data_dir`` while the dataset is still the preset's synthetic one is almost always a missing
+    ``--dataset``: refuse instead of generating the synthetic set inside the user's data folder."""
+    if dataset == "synthetic" and data_dir is not None and _peek_option(argv, "dataset", "") != "synthetic":
+        raise ValueError(
+            f"--data_dir {data_dir} is given but the dataset is the preset's 'synthetic': pass --dataset "
+            "(market1501, dukemtmc, msmt17, custom, hf) for your data, or --dataset synthetic to generate the "
+            "synthetic set in that folder"
+        )
+
+
 #: list-valued flags that also take the comma-separated form of 0.1.0 (``--stages prompt,icdl``)
 COMMA_LIST_FLAGS = ("stages", "lr_decay_epochs")
 
@@ -93,7 +128,10 @@ def _parse_train_command(argv: list[str] | None = None):
     if unknown:
         raise PresetError(f"preset {preset_name!r} sets unknown argument(s): {', '.join(unknown)}")
     parser.set_defaults(**preset)
+    _check_replaced_flags(argv)
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=argv)
+    _check_data_flags(argv, data_args.dataset, data_args.data_dir)
+    extra.requested_mixed_precision = _peek_option(argv, "mixed_precision", str(preset.get("mixed_precision", "no")))
     if extra.num_threads is not None and extra.num_threads < 1:
         raise ValueError(f"--num_threads must be an integer >= 1, got {extra.num_threads}")
     return model_args, data_args, training_args, extra
@@ -124,6 +162,10 @@ def train_main(argv: list[str] | None = None) -> int:
         from ..pipeline import resolved_settings
 
         print(json.dumps(resolved_settings(model_args, data_args, training_args), indent=2))
+        if options.requested_mixed_precision == "auto":
+            print(f"note: mixed_precision 'auto' resolved to {training_args.mixed_precision!r} on this machine "
+                  "(bf16 on a GPU that supports it, else fp16 with a loss scaler; no mixed precision on a CPU)",
+                  file=sys.stderr)
         return 0
     threads = torch.get_num_threads()
     if options.num_threads is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..data import build_eval_transform
+from ..model_files import is_path_like
 from ..modeling_ccafl import CCAFLModel
 from ..processing import CLIP_MEAN, CLIP_STD
 from .errors import RetrievalError
@@ -36,7 +37,7 @@ def load_reid_model(
 
     name = os.fspath(name_or_path)
     local = Path(name)
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    if not local.expanduser().exists() and is_path_like(name):
         raise RetrievalError(f"--model {name}: no such model folder")
     if local.is_dir() and not (local / "config.json").is_file():
         raise RetrievalError(f"--model {name}: the folder has no config.json; expected a saved CCAFL model folder")
