@@ -475,7 +475,7 @@ def test_a_run_failing_before_training_leaves_the_folder_as_found(tmp_path, caps
 #: Bad values in `--help` order: each is one `error:` line naming the flag, exit 2, before any work.
 BAD_VALUES = [
     (["--model_name_or_path", "{pickle}"], "pytorch_model.bin"),
-    (["--model_name_or_path", "./no-such-folder"], "--model_name_or_path ./no-such-folder: no such folder"),
+    (["--model_name_or_path", "./no-such-folder"], "--model_name_or_path ./no-such-folder: no such model folder"),
     (["--image_size", "64"], "--image_size"),
     (["--config_overrides", "[1]"], "--config_overrides must be a JSON object"),
     (["--dataset", "cuhk03"], "cuhk03"),

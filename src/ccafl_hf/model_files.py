@@ -41,7 +41,7 @@ def check_model_folder(folder: str | os.PathLike, flag: str = "--model") -> None
     from safetensors import safe_open
 
     if is_path_like(folder) and not Path(folder).expanduser().exists():
-        raise ModelFolderError(f"{flag} {os.fspath(folder)}: no such folder")
+        raise ModelFolderError(f"{flag} {os.fspath(folder)}: no such model folder")
     folder = Path(folder)
     if not folder.is_dir():
         return
