@@ -146,9 +146,9 @@ def test_camera_memory_per_camera_blocks_equal_the_masked_path(identity_camids, 
     memory, _, _ = _initialized_memory(num_instances=5, identity_camids=identity_camids)
     ids = torch.tensor([8, 0, 3, 8, 5, 2, 6, 1])
     feats = _features(len(ids), 22)
-    assert memory._camera_blocks() is not None
+    assert memory._camera_blocks is not None
     blocks = memory.hard_instance_logits(feats, ids)
-    monkeypatch.setattr(memory, "_camera_blocks", lambda: None)
+    monkeypatch.setattr(memory, "_camera_blocks", None)
     masked = memory.hard_instance_logits(feats, ids)
     assert torch.equal(torch.isinf(blocks), ~memory._own_camera_mask(ids))
     torch.testing.assert_close(blocks, masked)
@@ -182,6 +182,18 @@ def test_camera_memory_state_dict_round_trip():
     restored.load_state_dict(state)
     for name, value in state.items():
         assert torch.equal(getattr(restored, name), value), name
+
+
+def test_camera_memory_loaded_camera_layout_updates_the_blocks():
+    """The per-camera blocks are cached; loading a state dict with other identity cameras refreshes them."""
+    memory, _, _ = _initialized_memory(identity_camids=CAMERA_LAYOUTS[1])
+    assert memory._camera_blocks == [(0, 2), (2, 5), (5, 9)]
+    interleaved, _, _ = _initialized_memory(identity_camids=CAMERA_LAYOUTS[2])
+    memory.load_state_dict(interleaved.state_dict())
+    assert memory._camera_blocks is None
+    ids = torch.tensor([0, 1, 4, 8])
+    torch.testing.assert_close(memory.hard_instance_logits(_features(4, 23), ids),
+                               interleaved.hard_instance_logits(_features(4, 23), ids))
 
 
 def test_camera_memory_bf16_and_autocast():

@@ -111,6 +111,9 @@ class CameraMemory(nn.Module):
         self.register_buffer("identity_camids", identity_camids.detach().long().clone())
         self.register_buffer("pointers", torch.zeros(num_identities, dtype=torch.long, device=device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self._cache_camera_blocks()
+        # loading a state dict may bring other identity cameras: the cached blocks follow them
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._cache_camera_blocks())
 
     def extra_repr(self) -> str:
         return (
@@ -206,15 +209,16 @@ class CameraMemory(nn.Module):
             logits = features.float() @ self.centroids.t() / self.temperature
             return logits.masked_fill(~self._own_camera_mask(intra_ids), float("-inf"))
 
-    def _camera_blocks(self) -> list[tuple[int, int]] | None:
-        """``(start, end)`` identity range of every camera, in identity order, when each camera's
-        identities are contiguous (the layout of `intra_camera_index`); ``None`` otherwise."""
-        cams = self.identity_camids
+    def _cache_camera_blocks(self) -> None:
+        """Cache, once per layout of ``identity_camids``, the ``(start, end)`` identity range of every
+        camera in identity order when each camera's identities are contiguous (the layout of
+        `intra_camera_index`), else ``None``; and the ranges' ends as a buffer for `torch.bucketize`."""
+        cams = self.identity_camids.cpu()
         values, counts = torch.unique_consecutive(cams, return_counts=True)
-        if values.numel() != torch.unique(cams).numel():
-            return None
-        ends = torch.cumsum(counts, 0).tolist()
-        return list(zip([0, *ends[:-1]], ends))
+        ends = torch.cumsum(counts, 0)
+        contiguous = values.numel() == torch.unique(cams).numel()
+        self._camera_blocks = list(zip([0, *ends[:-1].tolist()], ends.tolist())) if contiguous else None
+        self.register_buffer("camera_block_ends", ends.to(self.identity_camids.device), persistent=False)
 
     def hard_instance_logits(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` fp32 logits: the true identity's **least** similar instance, every other identity's
@@ -228,17 +232,15 @@ class CameraMemory(nn.Module):
         """
         self._check_batch(features, intra_ids)
         self._require_initialized()
-        blocks = self._camera_blocks()
+        blocks = self._camera_blocks
         with fp32_region(features.device):
             x = features.float()
             ids = intra_ids.long()
             if blocks is None or ids.numel() == 0:
                 logits = self._hard_instance_block(x, ids, 0, self.num_identities)
                 return logits.masked_fill(~self._own_camera_mask(ids), float("-inf"))
-            # group the batch by camera (the block ranges and group sizes are read on the host), one block
-            # per camera present
-            ends = torch.tensor([end for _, end in blocks], device=ids.device)
-            camera_index = torch.bucketize(ids, ends, right=True)  # block of each sample's identity
+            # group the batch by camera (one host read: the group sizes), one block per camera present
+            camera_index = torch.bucketize(ids, self.camera_block_ends, right=True)  # block of each sample
             order = torch.argsort(camera_index, stable=True)
             sizes = torch.bincount(camera_index, minlength=len(blocks)).tolist()
             pieces, offset = [], 0

@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = rebuild_shipped_weights(args.output)
     summary = read_weights_metadata(path)["summary"]
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB; final loss {summary['final_loss']}, batch accuracy "
-          f"{summary['final_batch_accuracy']})")
+    logger.info("wrote %s (%.0f KiB; final loss %s, batch accuracy %s)", path, path.stat().st_size / 1024,
+                summary["final_loss"], summary["final_batch_accuracy"])
 
 
 __all__ = [
