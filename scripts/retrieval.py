@@ -6,6 +6,7 @@
     python scripts/retrieval.py search --gallery gallery.safetensors --index gallery.faiss \
         --query_images queries/ --model outputs/ccafl-demo --k 10 --save_ranked_lists outputs/search
     python scripts/retrieval.py export-onnx --model outputs/ccafl-demo --output ccafl.onnx
+    python scripts/retrieval.py link --model outputs/ccafl-demo --data_dir videos/ --output outputs/links
 
 `python scripts/retrieval.py SUBCOMMAND --help` lists each subcommand's flags.
 """

@@ -1,4 +1,4 @@
-"""``ccafl-retrieval`` (scripts/retrieval.py): ``embed``, ``index``, ``search`` and ``export-onnx``.
+"""``ccafl-retrieval`` (scripts/retrieval.py): ``embed``, ``index``, ``search``, ``export-onnx`` and ``link``.
 
 Returns an exit code; a bad input (missing model folder, unknown dataset, malformed file) is reported
 as one ``error: ...`` line on stderr with exit code 2.
@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .link import add_link_parser, link_command
 from .options import (
     ArgumentParser,
     add_extraction_args,
@@ -30,7 +31,7 @@ from .options import (
 def build_retrieval_parser() -> argparse.ArgumentParser:
     """Arguments of ``scripts/retrieval.py`` / ``ccafl-retrieval`` and its subcommands."""
     parser = ArgumentParser(prog="ccafl-retrieval", description="Embed, index and search image galleries.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,index,search,export-onnx}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,index,search,export-onnx,link}")
 
     embed = sub.add_parser("embed", help="Embed a folder of images or a dataset split into a features file.")
     add_model_args(embed)
@@ -74,14 +75,15 @@ def build_retrieval_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="ONNX file to write.")
     export.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version.")
     export.add_argument("--no_verify", action="store_true", help="Skip the onnxruntime parity check.")
+    add_link_parser(sub)
     return parser
 
 
 def retrieval_main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/retrieval.py {embed,index,search,export-onnx}``."""
+    """``scripts/retrieval.py {embed,index,search,export-onnx,link}``."""
     args = build_retrieval_parser().parse_args(argv)
     setup_logging()
-    commands = {"embed": _embed, "index": _index, "search": _search, "export-onnx": _export_onnx}
+    commands = {"embed": _embed, "index": _index, "search": _search, "export-onnx": _export_onnx, "link": link_command}
     try:
         return commands[args.command](args)
     except (ValueError, OSError) as error:  # RetrievalError, ReIDDatasetError, bad values: messages name them

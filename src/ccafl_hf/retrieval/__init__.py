@@ -14,7 +14,9 @@ The pieces, each usable alone::
 * `features` - `FeatureSet` (the features-file format) and `embed_images` / `embed_folder` / `embed_split`;
 * `index` - the faiss index life cycle (`build_index`, `index_recall`, `save_index`, `load_index`) and
   search (`search`, `search_gallery`);
-* `onnx` - `export_onnx` / `verify_onnx`: the image tower as an ONNX graph.
+* `onnx` - `export_onnx` / `verify_onnx`: the image tower as an ONNX graph;
+* `tracking` - `embed_detections` (a frame's boxes -> features) and `link_tracklets` (tracklets of several
+  cameras -> global ids, by the ICAL association), `link_mot_scene` for a MOTChallenge-layout folder.
 
 Retrieval features are L2-normalised, so inner product = cosine similarity.
 """
@@ -46,6 +48,14 @@ from .index import (
 )
 from .loading import eval_transform_for, load_reid_model
 from .onnx import ReIDFeatureModule, export_onnx, onnxruntime_available, require_onnx, verify_onnx
+from .tracking import (
+    TrackletLinks,
+    crop_boxes,
+    embed_detections,
+    link_metrics,
+    link_mot_scene,
+    link_tracklets,
+)
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -56,14 +66,20 @@ __all__ = [
     "QueryResult",
     "ReIDFeatureModule",
     "RetrievalError",
+    "TrackletLinks",
     "build_index",
+    "crop_boxes",
     "default_nlist",
+    "embed_detections",
     "embed_folder",
     "embed_images",
     "embed_split",
     "eval_transform_for",
     "export_onnx",
     "index_recall",
+    "link_metrics",
+    "link_mot_scene",
+    "link_tracklets",
     "list_images",
     "load_features",
     "load_index",

@@ -22,7 +22,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from ..images import check_on_corrupt, find_corrupt_images
-from . import custom, dukemtmc, hf, market1501, msmt17, synthetic  # noqa: F401  (registration)
+from . import custom, dukemtmc, hf, market1501, mot, msmt17, synthetic  # noqa: F401  (registration)
 from .base import (
     SPLITS,
     ReIDDatasetError,
@@ -67,16 +67,17 @@ def load_reid_dataset(
 
     Args:
         name: one of `available_datasets()`: ``market1501``, ``dukemtmc``, ``msmt17``, ``custom``,
-            ``synthetic``, ``hf`` (case, ``-`` and ``_`` ignored).
+            ``synthetic``, ``hf``, ``mot`` (case, ``-`` and ``_`` ignored).
         data_dir: the release folder (e.g. ``Market-1501-v15.09.15/``) or its parent; for ``custom``
             a manifest file or a folder; for ``synthetic`` where to generate it (default: a cache dir);
-            for ``hf`` a Hub dataset id, a ``save_to_disk`` folder, a parquet file or a folder of them.
+            for ``hf`` a Hub dataset id, a ``save_to_disk`` folder, a parquet file or a folder of them;
+            for ``mot`` the folder of MOTChallenge-layout camera folders (`ccafl_hf.data.mot`).
         on_corrupt: with ``verify_images``, ``"error"`` raises on the first unreadable image,
             ``"skip"`` drops unreadable images with a warning.
         verify_images: decode every image now (one pass over the data). Otherwise images are
             checked lazily when the collator decodes them.
         **options: reader options (``include_val`` for msmt17, ``manifest`` for custom, the
-            generator's options for synthetic, column and split names for hf; see each reader).
+            generator's options for synthetic, column and split names for hf, `MOTOptions` for mot; see each reader).
     Raises:
         ReIDDatasetError: unknown dataset or option, missing folder, badly named file, malformed
             manifest, empty split, single-camera train split, corrupt image (``on_corrupt="error"``).

@@ -14,7 +14,8 @@ cameras; the query holds one image per test identity and camera, the gallery the
 ``0000`` distractors. Everything is a function of the config (same seed → identical files).
 
 Modules: `config` (options, cache location), `looks` (identities), `render` (cameras and images),
-`captions` (attribute text of an identity's look), `generate` (the release on disk). The reader
+`captions` (attribute text of an identity's look), `generate` (the release on disk), `scene` (people
+walking through the frames of several cameras, in the MOTChallenge layout). The reader
 ``load_reid_dataset("synthetic", ...)`` is `ccafl_hf.data.datasets.synthetic`.
 """
 
@@ -23,6 +24,7 @@ from .config import GENERATOR_VERSION, SyntheticReIDConfig, default_synthetic_ro
 from .generate import CONFIG_FILE, generate_synthetic_reid
 from .looks import IdentityLook, identity_look
 from .render import CameraStyle, camera_styles, render_image
+from .scene import SyntheticSceneConfig, generate_synthetic_scene
 
 _identity_look = identity_look  # the name before `identity_look` was public; kept for existing importers
 
@@ -33,11 +35,13 @@ __all__ = [
     "CameraStyle",
     "IdentityLook",
     "SyntheticReIDConfig",
+    "SyntheticSceneConfig",
     "camera_styles",
     "colour_name",
     "default_synthetic_root",
     "describe_look",
     "generate_synthetic_reid",
+    "generate_synthetic_scene",
     "identity_caption",
     "identity_look",
     "render_image",

@@ -104,8 +104,9 @@ def _c(colour: np.ndarray, r: np.random.Generator, light: float) -> tuple[int, i
     return tuple(int(v) for v in value)
 
 
-def _draw_person(draw: ImageDraw.ImageDraw, look: IdentityLook, camera: CameraStyle, r: np.random.Generator,
-                 height: int, width: int) -> None:
+def draw_person(draw: ImageDraw.ImageDraw, look: IdentityLook, camera: CameraStyle, r: np.random.Generator,
+                height: int, width: int) -> None:
+    """Draw ``look`` walking, centred in a ``height x width`` box at the origin of ``draw``'s image."""
     light = r.uniform(0.9, 1.1)
     person = height * 0.8 * look.height * camera.scale * r.uniform(0.95, 1.05)
     feet = height * (0.96 + camera.y_shift) + r.uniform(-0.02, 0.02) * height
@@ -215,7 +216,8 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, pattern: str, colour, left: float, 
         draw.rectangle([left + width * 0.38, top, right - width * 0.38, bottom], fill=colour)
 
 
-def _apply_camera(image: Image.Image, camera: CameraStyle, r: np.random.Generator) -> Image.Image:
+def apply_camera(image: Image.Image, camera: CameraStyle, r: np.random.Generator) -> Image.Image:
+    """``image`` as ``camera`` sees it: resolution, blur, colour cast, contrast, gamma and sensor noise."""
     width, height = image.size
     if camera.resolution < 1.0:
         small = (max(8, round(width * camera.resolution)), max(8, round(height * camera.resolution)))
@@ -236,5 +238,5 @@ def render_image(look: IdentityLook, camera: CameraStyle, r: np.random.Generator
     oy, ox = r.integers(0, 2 * MARGIN + 1, size=2)
     background = camera.background[oy:oy + height, ox:ox + width] * r.uniform(0.93, 1.07)
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-    _draw_person(ImageDraw.Draw(image), look, camera, r, height, width)
-    return _apply_camera(image, camera, r)
+    draw_person(ImageDraw.Draw(image), look, camera, r, height, width)
+    return apply_camera(image, camera, r)
