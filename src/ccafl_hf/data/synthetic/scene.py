@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 SCENE_VERSION = 1
 SCENE_CONFIG_FILE = "scene_config.json"
+#: a track must be at least this visible in one frame (else it is drawn again, up to _MAX_REDRAWS times)
+MIN_PEAK_VISIBILITY = 0.6
+_MAX_REDRAWS = 50
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,25 @@ class _Track:
     scale: float
 
 
-def _plan(config: SyntheticSceneConfig) -> list[list[_Track]]:
-    """Every camera's tracks: who walks where and when (a function of the config)."""
-    r = keyed_rng(config.seed, 10)
+def _draw_track(rc: np.random.Generator, pid: int, track_id: int, config: SyntheticSceneConfig) -> _Track:
     height, width = config.frame_size
     ph, pw = config.person_size
-    per_camera: list[list[tuple[int, ...]]] = [[] for _ in range(config.num_cameras)]
+    length = int(rc.integers(config.min_track_length, config.num_frames + 1))
+    start = int(rc.integers(0, config.num_frames - length + 1))
+    scale = float(rc.uniform(0.85, 1.15))
+    w = pw * scale
+    left, right = -0.25 * w, width - 0.75 * w
+    x0, x1 = (left, right) if rc.random() < 0.5 else (right, left)
+    feet = float(rc.uniform(ph * scale, height))
+    return _Track(pid, track_id, start, length, x0, x1, feet, scale)
+
+
+def _plan(config: SyntheticSceneConfig) -> list[list[_Track]]:
+    """Every camera's tracks: who walks where and when (a function of the config). A track hidden by
+    nearer people all along (never ``MIN_PEAK_VISIBILITY`` visible) is drawn again, so every person is
+    seen in each of their cameras."""
+    r = keyed_rng(config.seed, 10)
+    per_camera: list[list[int]] = [[] for _ in range(config.num_cameras)]
     for pid in range(1, config.num_people + 1):
         count = int(r.integers(config.min_cameras_per_person, config.num_cameras + 1))
         for cam in np.sort(r.choice(config.num_cameras, size=count, replace=False)).tolist():
@@ -117,34 +133,46 @@ def _plan(config: SyntheticSceneConfig) -> list[list[_Track]]:
     for cam, pids in enumerate(per_camera):
         rc = keyed_rng(config.seed, 11, cam)
         track_ids = rc.permutation(len(pids)) + 1 + int(rc.integers(0, 50))  # unrelated to the global ids
-        tracks = []
-        for pid, track_id in zip(pids, track_ids.tolist()):
-            length = int(rc.integers(config.min_track_length, config.num_frames + 1))
-            start = int(rc.integers(0, config.num_frames - length + 1))
-            scale = float(rc.uniform(0.85, 1.15))
-            w = pw * scale
-            left, right = -0.25 * w, width - 0.75 * w
-            x0, x1 = (left, right) if rc.random() < 0.5 else (right, left)
-            feet = float(rc.uniform(ph * scale, height))
-            tracks.append(_Track(pid, int(track_id), start, length, x0, x1, feet, scale))
+        tracks = [_draw_track(rc, pid, int(t), config) for pid, t in zip(pids, track_ids.tolist())]
+        for _ in range(_MAX_REDRAWS):
+            peak = np.zeros(len(tracks))
+            for frame in range(config.num_frames):
+                for k, visibility in _visible(tracks, frame, config):
+                    peak[k] = max(peak[k], visibility)
+            hidden = np.flatnonzero(peak < MIN_PEAK_VISIBILITY).tolist()
+            if not hidden:
+                break
+            for k in hidden:
+                tracks[k] = _draw_track(rc, tracks[k].pid, tracks[k].track_id, config)
         plan.append(tracks)
     return plan
 
 
-def _boxes_at(tracks: list[_Track], frame: int, config: SyntheticSceneConfig) -> list[tuple[_Track, int, int, int, int]]:
-    """``(track, x, y, w, h)`` integer boxes of the tracks visible in 0-based ``frame``, far to near."""
+def _boxes_at(tracks: list[_Track], frame: int, config: SyntheticSceneConfig) -> list[tuple[int, int, int, int, int]]:
+    """``(track index, x, y, w, h)`` integer boxes of the tracks in 0-based ``frame``, far to near."""
     ph, pw = config.person_size
     out = []
-    for track in tracks:
+    for k, track in enumerate(tracks):
         t = frame - track.start
         if not 0 <= t < track.length:
             continue
         progress = t / max(track.length - 1, 1)
         w, h = round(pw * track.scale), round(ph * track.scale)
         x = round(track.x0 + (track.x1 - track.x0) * progress)
-        out.append((track, x, round(track.feet) - h, w, h))
-    out.sort(key=lambda item: (item[2] + item[4], item[0].track_id))  # feet higher in the frame = farther
+        out.append((k, x, round(track.feet) - h, w, h))
+    out.sort(key=lambda item: (item[2] + item[4], tracks[item[0]].track_id))  # feet higher in the frame = farther
     return out
+
+
+def _visible(tracks: list[_Track], frame: int, config: SyntheticSceneConfig) -> list[tuple[int, float]]:
+    """``(track index, visibility)`` in 0-based ``frame``: the share of the box inside the frame and not
+    covered by a nearer person's box."""
+    owner = np.full(config.frame_size, -1, dtype=np.int64)
+    boxes = _boxes_at(tracks, frame, config)
+    for k, x, y, w, h in boxes:
+        owner[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = k
+    return [(k, float((owner[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] == k).sum()) / (w * h))
+            for k, x, y, w, h in boxes]
 
 
 def _write_scene(target: Path, config: SyntheticSceneConfig) -> None:
@@ -161,20 +189,17 @@ def _write_scene(target: Path, config: SyntheticSceneConfig) -> None:
             r = keyed_rng(config.seed, 12, cam, frame)
             background = style.background[MARGIN:MARGIN + height, MARGIN:MARGIN + width] * r.uniform(0.97, 1.03)
             image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
-            owner = np.full((height, width), -1, dtype=np.int64)
-            boxes = _boxes_at(tracks, frame, config)
-            for k, (track, x, y, w, h) in enumerate(boxes):
+            for k, x, y, w, h in _boxes_at(tracks, frame, config):
                 layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
-                draw_person(ImageDraw.Draw(layer), identity_look(config.seed, track.pid), style,
-                            keyed_rng(config.seed, 13, track.pid, cam, frame), h, w)
+                draw_person(ImageDraw.Draw(layer), identity_look(config.seed, tracks[k].pid), style,
+                            keyed_rng(config.seed, 13, tracks[k].pid, cam, frame), h, w)
                 image.paste(layer, (x, y), layer)
-                owner[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = k
-            image = apply_camera(image, style, r)
-            image.save(folder / "img1" / f"{frame + 1:06d}.jpg", quality=95)
-            for k, (track, x, y, w, h) in enumerate(boxes):
-                visibility = float((owner[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] == k).sum()) / (w * h)
-                lines.append((track.track_id, frame + 1, f"{frame + 1},{track.track_id},{x},{y},{w},{h},1,1,"
-                                                          f"{visibility:.3f}"))
+            apply_camera(image, style, r).save(folder / "img1" / f"{frame + 1:06d}.jpg", quality=95)
+            boxes = {k: (x, y, w, h) for k, x, y, w, h in _boxes_at(tracks, frame, config)}
+            for k, visibility in _visible(tracks, frame, config):
+                x, y, w, h = boxes[k]
+                track_id = tracks[k].track_id
+                lines.append((track_id, frame + 1, f"{frame + 1},{track_id},{x},{y},{w},{h},1,1,{visibility:.3f}"))
         lines.sort(key=lambda item: (item[0], item[1]))
         (folder / "gt" / "gt.txt").write_text("".join(line + "\n" for _, _, line in lines))
         (folder / "gt" / "global_ids.txt").write_text(
