@@ -233,3 +233,25 @@ def test_main_job_trains_from_dataset_mot(scene, tmp_path, monkeypatch):
     assert isinstance(model, CCAFLModel)
     results = json.loads((out / "eval_results.json").read_text())
     assert "mAP" in json.dumps(results)  # the scene's global ids gave query/gallery splits
+
+
+@pytest.mark.parametrize("options,message", [
+    ({}, "gt.txt:{line}: frame 99 has no image in"),
+    ({"crops": 2}, "dataset 'mot' got unknown option(s) ['crops']"),
+])
+def test_main_job_bad_mot_input_is_one_line(options, message, scene, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken"
+    for path in scene.rglob("*"):
+        if path.is_file():
+            target = broken / path.relative_to(scene)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    gt = broken / "cam1" / "gt" / "gt.txt"
+    gt.write_text(gt.read_text() + "99,1,3,4,10,20\n")
+    code = train_main(["--output_dir", str(tmp_path / "run"), "--model_name_or_path", "tiny", "--dataset", "mot",
+                       "--data_dir", str(broken), "--dataset_options", json.dumps(options)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1
+    assert message.format(line=len(gt.read_text().splitlines())) in err[0]
+    assert not (tmp_path / "cache" / "mot").exists()
