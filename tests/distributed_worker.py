@@ -59,7 +59,7 @@ def main(data_dir: str, out_dir: str) -> None:
         logging_strategy="no", save_strategy="no", seed=0, report_to="none",
         adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1,
     )
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, stages=("icdl",))
     trainer.train()
     rank = trainer.args.process_index

@@ -8,6 +8,7 @@ marks them for custom-code export so saved checkpoints load with
 from transformers import AutoConfig, AutoModel
 
 from .configuration_ccafl import CCAFLConfig, CCAFLResNetVisionConfig
+from .errors import CCAFLError
 from .modeling_ccafl import CCAFLModel, CCAFLOutput, resize_position_embeddings
 from .modeling_ccafl_resnet import CCAFLResNetVisionModel
 from .processing import build_image_processor, build_reid_processor, load_tokenizer
@@ -23,6 +24,7 @@ CCAFLModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "CCAFLConfig",
+    "CCAFLError",
     "CCAFLModel",
     "CCAFLOutput",
     "CCAFLResNetVisionConfig",

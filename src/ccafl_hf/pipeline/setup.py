@@ -15,6 +15,7 @@ from ..data import (
     dataset_summary,
     load_reid_dataset,
 )
+from ..errors import CCAFLError
 from ..model_files import ModelFolderError, check_model_folder, load_checked
 from ..modeling_ccafl import CCAFLModel
 from ..processing import build_reid_processor, load_tokenizer
@@ -74,7 +75,7 @@ class DataArguments:
         _json_object(self.dataset_options, "--dataset_options")
 
 
-class RunError(ValueError):
+class RunError(CCAFLError):
     """A problem with the run's arguments or output folder (reported as one line by the script)."""
 
 
