@@ -61,9 +61,9 @@ from ccafl_hf.data import (
 from ccafl_hf.evaluation import evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
-from ccafl_hf.precision import MIXED_PRECISIONS, autocast_context, resolve_mixed_precision
 from ccafl_hf.prompts import IdentityPromptLearner
 from ccafl_hf.trainers import CCAFLForTraining, ICALObjective, ICDLObjective, set_image_stage_trainable
+from ccafl_hf.utils.precision import MIXED_PRECISIONS, autocast_context, resolve_mixed_precision
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {

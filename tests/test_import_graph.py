@@ -100,3 +100,20 @@ def test_trainer_layers_point_one_way():
     assert not {"ccafl_hf.trainers.objectives", "ccafl_hf.trainers.base"} & graph["ccafl_hf.trainers.training_module"]
     assert not any(m.startswith("ccafl_hf.pipeline") for name, deps in graph.items()
                    if name.startswith("ccafl_hf.trainers") for m in deps)
+
+
+def test_package_root_is_small_and_moved_modules_keep_their_old_paths():
+    import importlib
+
+    from ccafl_hf.utils.moved import MOVED_MODULES
+
+    root_modules = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+    assert len(root_modules) <= 12, sorted(root_modules)
+    for old, new in MOVED_MODULES.items():
+        assert not (PACKAGE / f"{old.rsplit('.', 1)[1]}.py").exists()
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from ccafl_hf.precision import resolve_mixed_precision  # the 0.2 spelling
+
+    from ccafl_hf.utils.precision import resolve_mixed_precision as moved
+
+    assert resolve_mixed_precision is moved

@@ -339,7 +339,7 @@ def test_build_model_seed_overrides_and_errors():
 
 def test_card_base_model_only_for_hub_ids(tmp_path):
     """The card's ``base_model`` links a Hub model; built-in tiny models and local folders are left out."""
-    from ccafl_hf.model_card import hub_base_model
+    from ccafl_hf.pipeline.model_card import hub_base_model
 
     assert hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
     assert hub_base_model("tiny") is None and hub_base_model("tiny-pretrained") is None

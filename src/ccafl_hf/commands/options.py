@@ -95,7 +95,7 @@ def add_dataset_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def extraction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of `extract_features` / `embed_images` from the extraction flags."""
-    from ..precision import resolve_mixed_precision
+    from ..utils.precision import resolve_mixed_precision
 
     return dict(batch_size=args.batch_size, num_workers=args.num_workers, flip=args.flip,
                 mixed_precision=resolve_mixed_precision(bf16=args.bf16, fp16=args.fp16), progress=not args.no_progress)
@@ -132,8 +132,8 @@ def load_model_from_args(args: argparse.Namespace):
     """``(model, image_processor)`` of ``--model`` on this process's device (`load_reid_model`)."""
     from accelerate import PartialState
 
-    from ..model_files import load_checked
     from ..retrieval import load_reid_model
+    from ..utils.model_files import load_checked
 
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging

@@ -181,6 +181,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)  # the caller's own count (train_main may run inside another program)
+    from ..utils.processes import close_process_group
+
     if training_args.process_index == 0 and results.get("already_finished"):
         print(f"\nnothing trained: this run already finished in {training_args.output_dir} with the same settings "
               f"(final mAP {100 * results.get('mAP', 0.0):.1f}%, all stages in eval_results.json); pass "
@@ -189,6 +191,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")
         print(metrics_table(results["stages"], label="stage"))
         print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")
+    close_process_group()  # under accelerate launch: every rank ends together (see close_process_group)
     return 0
 
 

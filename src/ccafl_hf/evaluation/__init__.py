@@ -13,7 +13,7 @@
 
 from pathlib import Path
 
-from ..precision import autocast_context  # re-exported: its home is ccafl_hf.precision
+from ..utils.precision import autocast_context  # re-exported: its home is ccafl_hf.utils.precision
 from .extraction import METRIC_KEYS, ExtractedFeatures, evaluate_reid_model, extract_features
 from .ranking import DistanceMetric, compute_reid_metrics, evaluate_rank, pairwise_distance
 from .rerank import KReciprocalDistances, rerank_distances, rerank_from_features

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..modeling_ccafl import CCAFLModel
-from ..precision import autocast_context
+from ..utils.precision import autocast_context
 
 logger = logging.getLogger(__name__)
 

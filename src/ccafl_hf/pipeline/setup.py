@@ -16,7 +16,6 @@ from ..data import (
     load_reid_dataset,
 )
 from ..errors import CCAFLError
-from ..model_files import ModelFolderError, check_model_folder, load_checked
 from ..modeling_ccafl import CCAFLModel
 from ..processing import build_reid_processor, load_tokenizer
 from ..tiny import TINY_MODELS, create_tiny_model
@@ -24,6 +23,7 @@ from ..tiny.pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from ..trainers import (
     CCAFLTrainingArguments,
 )
+from ..utils.model_files import ModelFolderError, check_model_folder, load_checked
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import ArgumentError
-from ..precision import MIXED_PRECISIONS, resolve_mixed_precision
+from ..utils.precision import MIXED_PRECISIONS, resolve_mixed_precision
 from .configs import IMAGE_STAGES, OPTIMIZERS, CCAFLTrainerConfig, PromptLearningConfig, _help, _items, derive
 from .validation import epoch_window_problems
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .tiny.pretraining import TINY_PRETRAINED_NAME
+from ..tiny.pretraining import TINY_PRETRAINED_NAME
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
