@@ -79,6 +79,9 @@ def test_artifacts_load_and_card_has_metadata(trained):
     mAP = next(m["value"] for m in metrics if m["name"] == "mAP")
     assert mAP == pytest.approx(100 * results["mAP"], abs=0.01)
     assert "Ethical considerations" in card and "prompt_epochs" in card
+    assert "`Pillow`" in card  # what loading with remote code needs besides transformers and torch
+    assert sorted(p.name for p in out.glob("*.py")) == [
+        "configuration_ccafl.py", "modeling_ccafl.py", "modeling_ccafl_resnet.py"]  # remote code: modelling only
 
 
 def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
