@@ -21,7 +21,7 @@ from ..data import (
     build_eval_transform,
     build_train_transform,
 )
-from ..evaluation import METRIC_KEYS, evaluate_reid_model
+from ..evaluation import evaluate_splits
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner, load_text_features, save_text_features
 from ..trainers import (
@@ -32,6 +32,7 @@ from ..trainers import (
     PromptLearningTrainer,
 )
 from ..trainers.base import IMAGE_STAGES
+from ..trainers.configs import extraction_options
 from ..trainers.validation import check_against_data
 from .artifacts import push_output_dir, save_artifacts
 from .checkpoints import _explicit_checkpoint, _relative, _resume_message, last_complete_checkpoint
@@ -104,19 +105,12 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
         height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
     ))
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
-    mixed = args.mixed_precision
 
     def evaluate(stage: str) -> dict:
-        if len(dataset["query"]) == 0 or len(dataset["gallery"]) == 0:
-            logger.warning("no query/gallery split: skipping the evaluation after %s", stage)
-            return {}
-        metrics = evaluate_reid_model(
-            model, dataset["query"], dataset["gallery"], eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=mixed, flip=args.eval_flip,
-            rerank=args.eval_rerank,
-        )
-        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
-        logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
+        summary = evaluate_splits(model, dataset, eval_collator, extraction_options(args, flip=args.eval_flip),
+                                  rerank=args.eval_rerank, stage=stage)
+        if summary:
+            logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
         return summary
 
     stage_results: dict[str, dict] = {}

@@ -144,7 +144,7 @@ def _json_object(value: str | dict | None, flag: str) -> dict[str, Any]:
 def resolved_settings(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
     """Every setting of a run after preset + flags, JSON-ready: ``{"model": …, "data": …, "training": …}``
     (tokens redacted as `TrainingArguments.to_dict` does). Unlike the run's fingerprint
-    (`ccafl_hf.run_directory.run_settings`) this includes the run-only settings (logging, paths, workers)."""
+    (`ccafl_hf.pipeline.run_directory.run_settings`) this includes the run-only settings (logging, paths, workers)."""
     return json.loads(json.dumps(
         {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}, default=str))
 

@@ -28,8 +28,6 @@ from .features import (
     embed_images,
     embed_split,
     list_images,
-    load_features,
-    save_features,
 )
 from .index import (
     IndexKind,
@@ -65,12 +63,10 @@ __all__ = [
     "export_onnx",
     "index_recall",
     "list_images",
-    "load_features",
     "load_index",
     "load_reid_model",
     "onnxruntime_available",
     "require_onnx",
-    "save_features",
     "save_index",
     "search",
     "search_gallery",

@@ -26,9 +26,9 @@ from transformers.trainer_callback import ProgressCallback
 from ..association import association_diagnostics, identity_mean_features
 from ..data import RandomIdentitySampler
 from ..errors import NonFiniteError
-from ..evaluation import METRIC_KEYS, evaluate_reid_model, extract_features
+from ..evaluation import evaluate_splits, extract_features
 from .arguments import CCAFLTrainingArguments
-from .configs import IMAGE_STAGES, CCAFLTrainerConfig, derive
+from .configs import IMAGE_STAGES, CCAFLTrainerConfig, derive, extraction_options
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable
 
@@ -217,9 +217,7 @@ class CCAFLTrainer(Trainer):
         self._sync_from_main_process(module.model.buffers())
         args: CCAFLTrainerConfig = self.args
         extracted = extract_features(
-            module.model, self.train_dataset, self.eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=args.extraction_precision,
-            accelerator=self.accelerator, progress=not args.disable_tqdm,
+            module.model, self.train_dataset, self.eval_collator, extraction_options(args), accelerator=self.accelerator,
             desc=f"Epoch {epoch + 1}: {stage.upper()} {'memory' if stage == 'icdl' else 'association'} features",
         )
         if not bool(torch.isfinite(extracted.reid_features).all()):
@@ -418,19 +416,15 @@ class CCAFLTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Market-1501-protocol metrics (mAP, rank-k, mINP) on ``{"query", "gallery"}``, logged (so they
         reach ``report_to``) and kept in ``stage_results`` under the active stage."""
-        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not datasets or len(datasets.get("query", ())) == 0 or len(datasets.get("gallery", ())) == 0:
-            logger.warning("no query/gallery split: skipping the evaluation after %s", self.current_stage)
-            return {}
         args: CCAFLTrainerConfig = self.args
         self._sync_from_main_process(self.training_module.model.buffers())
-        metrics = evaluate_reid_model(
-            self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
-            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-            mixed_precision=args.extraction_precision, flip=args.eval_flip, rerank=args.eval_rerank,
-            accelerator=self.accelerator, progress=not args.disable_tqdm,
+        summary = evaluate_splits(
+            self.training_module.model, eval_dataset if eval_dataset is not None else self.eval_dataset,
+            self.eval_collator, extraction_options(args, flip=args.eval_flip), rerank=args.eval_rerank,
+            accelerator=self.accelerator, stage=self.current_stage,
         )
-        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
+        if not summary:
+            return {}
         self.stage_results[self.current_stage] = summary
         logged = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in summary.items()}
         self.log(logged)

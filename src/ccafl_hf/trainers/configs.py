@@ -47,6 +47,15 @@ def precision_of(args: TrainingArguments) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
 
 
+def extraction_options(args: TrainingArguments, flip: bool = False):
+    """The `ExtractionOptions` of a resolved arguments object: its eval batch size, workers, autocast and
+    progress bar."""
+    from ..evaluation.extraction import ExtractionOptions
+
+    return ExtractionOptions(batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+                             mixed_precision=precision_of(args), flip=flip, progress=not args.disable_tqdm)
+
+
 def derive(cls, source: TrainingArguments, skip=(), **overrides):
     """An instance of the `TrainingArguments` subclass ``cls`` with every field ``source`` shares with it
     except ``skip`` (those keep ``cls``'s defaults), then ``overrides`` (built once: ``__post_init__`` runs once
@@ -229,6 +238,7 @@ __all__ = [
     "CCAFLTrainerConfig",
     "PromptLearningConfig",
     "derive",
+    "extraction_options",
     "parse_int_list",
     "precision_of",
 ]

@@ -17,7 +17,7 @@ from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner
 from .arguments import CCAFLTrainingArguments
 from .base import LabelledProgressCallback
-from .configs import PromptLearningConfig, precision_of
+from .configs import PromptLearningConfig, extraction_options
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,8 @@ class FeatureCache:
     def build(cls, model: CCAFLModel, train_dataset, eval_collator, args: PromptLearningConfig, accelerator=None):
         """Run the image tower once over ``train_dataset`` under the mixed precision of ``args`` (its eval batch
         size and workers); a non-finite feature is a `NonFiniteError`."""
-        extracted = extract_features(
-            model, train_dataset, eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=precision_of(args), with_alignment=True,
-            accelerator=accelerator, desc="Stage 1: caching image features",
-        )
+        extracted = extract_features(model, train_dataset, eval_collator, extraction_options(args), with_alignment=True,
+                                     accelerator=accelerator, desc="Stage 1: caching image features")
         if not bool(torch.isfinite(extracted.alignment_features).all()):
             raise NonFiniteError("the image features cached for the prompt stage hold NaN or infinite values: the "
                                  "start model's image tower gives non-finite features (check its weights)")

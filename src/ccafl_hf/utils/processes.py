@@ -6,10 +6,13 @@ from __future__ import annotations
 def close_process_group() -> None:
     """Wait for every process, then destroy the default process group (a no-op in a single process).
 
-    Call it once, at the very end of a multi-process program. Left to the interpreter's exit, the process
-    group's C++ threads (gloo's worker and transport threads) are torn down during finalization, while the
-    peer (rank 0 hosts the rendezvous store) may already be gone: on a loaded machine a process then dies
-    with ``terminate called without an active exception`` (SIGABRT) after all its work succeeded.
+    Call it once, at the very end of a multi-process program, and only when every process succeeded (a
+    process that failed may leave its peers inside a collective, where the barrier would wait forever).
+    Left to the interpreter's exit, the group is destroyed during finalization: gloo's C++ worker threads
+    still hold the last collectives' work objects, whose tensors keep Python references, and releasing
+    them once the interpreter is being torn down aborts the process (``terminate called without an active
+    exception``, SIGABRT) after all its work succeeded. Whether it happens depends on thread timing, so it
+    shows up on a loaded machine.
     """
     import torch.distributed as dist
 

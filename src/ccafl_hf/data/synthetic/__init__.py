@@ -24,8 +24,6 @@ from .generate import CONFIG_FILE, generate_synthetic_reid
 from .looks import IdentityLook, identity_look
 from .render import CameraStyle, camera_styles, render_image
 
-_identity_look = identity_look  # the name before `identity_look` was public; kept for existing importers
-
 __all__ = [
     "CAPTION_WORDS",
     "CONFIG_FILE",
