@@ -61,9 +61,9 @@ from ccafl_hf.data import (
 from ccafl_hf.evaluation import evaluate_reid_model, extract_features
 from ccafl_hf.losses import prompt_contrastive_loss
 from ccafl_hf.memory import CameraMemory
-from ccafl_hf.precision import MIXED_PRECISIONS, autocast_context, resolve_mixed_precision
 from ccafl_hf.prompts import IdentityPromptLearner
 from ccafl_hf.trainers import CCAFLForTraining, ICALObjective, ICDLObjective, set_image_stage_trainable
+from ccafl_hf.utils.precision import MIXED_PRECISIONS, autocast_context, resolve_mixed_precision
 
 # sizes of the real datasets (train images, intra-camera identities, cameras, query, gallery, P×K batch)
 PAPER_SIZES = {
@@ -298,7 +298,11 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------- per-epoch work of stages 2–3
     set_image_stage_trainable(model, args.freeze_patch_embedding)
-    module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
+    module = CCAFLForTraining(
+        model, identity_camids, text_features, memory_instances=args.memory_instances,
+        memory_momentum=args.memory_momentum, memory_temperature=args.memory_temperature,
+        classifier_scale=args.classifier_scale,
+    ).to(device)
     with meter.phase("memory rebuild (from the pass's features)"):
         module.camera_memory.initialize(features, intra_ids)
     with meter.phase("association + global memory (from the pass's features)"):
@@ -339,21 +343,22 @@ def main(argv=None) -> dict:
                          weight_decay=args.classifier_weight_decay),  # the global-ID classifier's own Adam
     ]
 
-    icdl_objective, ical_objective = ICDLObjective(args), ICALObjective(args)
+    icdl_objective, ical_objective = ICDLObjective.from_config(args), ICALObjective.from_config(args)
     adversarial_epoch = max(args.adversarial_start_epoch, args.ical_image_text_start_epoch)
 
     def stage_step(inp: dict, objective, epoch: int) -> None:
         """One step as `CCAFLTrainer.training_step` takes it: forward + backward of the objective, the
         memory update, then the global-ID classifier's own Adam on the detached features (fp32)."""
         with autocast_context(device, mixed):
-            out = module(pixel_values=inp["pixel_values"], intra_ids=inp["intra_ids"], camids=inp["camids"],
-                         objective=objective, epoch=epoch)
+            out = module(pixel_values=inp["pixel_values"])
+        loss = sum(objective.losses(module, out, inp["intra_ids"], inp["camids"], epoch).values())
+        features = out.reid_features.detach()
         optimizers[0].zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
+        scaler.scale(loss).backward()
         scaler.step(optimizers[0])
         scaler.update()
-        objective.update_memories(module, out["reid_features"], inp["intra_ids"])
-        loss = module.classifier.classification_loss(out["reid_features"].float(), inp["intra_ids"])
+        objective.update_memories(module, features, inp["intra_ids"])
+        loss = module.classifier.classification_loss(features.float(), inp["intra_ids"])
         optimizers[1].zero_grad(set_to_none=True)
         loss.backward()
         optimizers[1].step()

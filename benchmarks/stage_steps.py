@@ -76,7 +76,7 @@ def main() -> None:
     identity_camids = torch.arange(n) * args.num_cameras // n
     training_args = CCAFLTrainingArguments(output_dir="/tmp/ccafl-bench", memory_instances=32, report_to="none")
     text = F.normalize(torch.randn(n, model.projection_dim), dim=1)
-    module = CCAFLForTraining(model, identity_camids, text, training_args)
+    module = CCAFLForTraining(model, identity_camids, text, memory_instances=training_args.memory_instances)
     dim = model.reid_feature_dim
     module.camera_memory.initialize(F.normalize(torch.randn(4 * n, dim), dim=1), torch.arange(n).repeat(4))
     # ICAL state: pairs of identities from different cameras form pseudo-identities
@@ -103,17 +103,19 @@ def main() -> None:
 
     opt = torch.optim.Adam([p for p in module.model.parameters() if p.requires_grad], lr=1e-5)
     classifier_opt = torch.optim.Adam(module.classifier.parameters(), lr=3.5e-4, weight_decay=5e-4)
-    icdl, ical = ICDLObjective(training_args), ICALObjective(training_args)
+    icdl, ical = ICDLObjective.from_config(training_args), ICALObjective.from_config(training_args)
 
     def configured(objective, epoch: int, classifier: bool):
         def step() -> None:
-            out = module(pixel_values=pixels, intra_ids=intra_ids, camids=camids, objective=objective, epoch=epoch)
+            out = module(pixel_values=pixels)
+            loss = sum(objective.losses(module, out, intra_ids, camids, epoch).values())
+            features = out.reid_features.detach()
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            loss.backward()
             opt.step()
-            objective.update_memories(module, out["reid_features"], intra_ids)
+            objective.update_memories(module, features, intra_ids)
             if classifier:  # the trainer's classifier step: its own Adam on the detached features
-                loss = module.classifier.classification_loss(out["reid_features"], intra_ids)
+                loss = module.classifier.classification_loss(features, intra_ids)
                 classifier_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 classifier_opt.step()

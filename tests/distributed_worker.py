@@ -18,6 +18,7 @@ from ccafl_hf.data import (
 )
 from ccafl_hf.evaluation import extract_features
 from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainer, CCAFLTrainingArguments
+from ccafl_hf.utils.processes import close_process_group
 
 #: rows and batch size of the extraction check: 4 batches, the last one short (uneven shares)
 EXTRACT_ROWS, EXTRACT_BATCH = 7, 2
@@ -44,6 +45,7 @@ def extract(data_dir: str, out_dir: str) -> None:
                   f"{name}.pids": out.labels["pids"].contiguous(), f"{name}.embedded": torch.tensor(sum(embedded))}
         embedded.clear()
     save_file(state, f"{out_dir}/extract{PartialState().process_index}.safetensors")
+    close_process_group()
 
 
 def main(data_dir: str, out_dir: str) -> None:
@@ -59,7 +61,7 @@ def main(data_dir: str, out_dir: str) -> None:
         logging_strategy="no", save_strategy="no", seed=0, report_to="none",
         adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1,
     )
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, stages=("icdl",))
     trainer.train()
     rank = trainer.args.process_index
@@ -79,6 +81,7 @@ def main(data_dir: str, out_dir: str) -> None:
                  name in ignored for name in ("camera_memory.instances", "camera_memory.centroids",
                                               "cluster_memory.centroids", "classifier.weight")))}
     save_file(state, f"{out_dir}/rank{rank}.safetensors")
+    close_process_group()
 
 
 if __name__ == "__main__":

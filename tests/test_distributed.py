@@ -69,3 +69,17 @@ def test_two_process_extraction_equals_one_process_in_dataset_order(small_synthe
             assert saved[f"{name}.pids"].tolist() == rows["pid"], name
             torch.testing.assert_close(saved[f"{name}.reid"], single.reid_features, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(saved[f"{name}.align"], single.alignment_features, rtol=1e-5, atol=1e-5)
+
+
+def test_close_process_group_ends_the_group_and_is_a_no_op_without_one(tmp_path):
+    """The end of a multi-process command: the group is destroyed before the interpreter's exit (left to the
+    exit, gloo's threads are torn down during finalization and a rank may abort with SIGABRT)."""
+    import torch.distributed as dist
+
+    from ccafl_hf.utils.processes import close_process_group
+
+    close_process_group()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.all_reduce(torch.ones(1))
+    close_process_group()
+    assert not dist.is_initialized()

@@ -16,9 +16,9 @@ from PIL import Image
 
 import ccafl_hf
 from ccafl_hf import create_tiny_model
-from ccafl_hf.cache import cache_dir
-from ccafl_hf.hub_utils import hub_local_files_only
-from ccafl_hf.neighbors import faiss_build
+from ccafl_hf.utils.cache import cache_dir
+from ccafl_hf.utils.hub_utils import hub_local_files_only
+from ccafl_hf.utils.neighbors import faiss_build
 
 ROOT = Path(__file__).resolve().parents[1]
 

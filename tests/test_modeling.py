@@ -227,3 +227,20 @@ def test_blocked_package_import_really_fails():
     script = 'import sys; sys.modules["ccafl_hf"] = None\ntry:\n    import ccafl_hf\nexcept ImportError:\n    print("blocked")'
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "blocked"
+
+
+def test_saved_remote_code_is_the_modelling_files_only(tiny_model, tmp_path):
+    """The conversion (from_clip, open_clip reading, Hub look-ups) lives outside the modelling file, so a saved
+    model ships configuration_ccafl.py, modeling_ccafl.py and modeling_ccafl_resnet.py, nothing more."""
+    model, _ = tiny_model
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == [
+        "configuration_ccafl.py", "modeling_ccafl.py", "modeling_ccafl_resnet.py"]
+
+
+def test_interpolate_pos_encoding_is_refused_not_ignored(tiny_model):
+    model, _ = tiny_model
+    pixels = _pixels(model.config, batch=1)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True is not supported"):
+        model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+    assert model.vision_model(pixel_values=pixels).last_hidden_state.shape[0] == 1

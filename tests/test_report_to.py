@@ -22,7 +22,7 @@ def test_eval_metrics_and_association_reach_tensorboard(small_synthetic, tmp_pat
         memory_instances=4, warmup_epochs=1, per_device_eval_batch_size=128, disable_tqdm=True,
         save_strategy="no", seed=0,
     )
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     trainer = CCAFLTrainer(
         module, args, dataset["train"], ReIDCollator(build_train_transform(height, width, mean, std)),
         ReIDCollator(build_eval_transform(height, width, mean, std)),

@@ -79,6 +79,9 @@ def test_artifacts_load_and_card_has_metadata(trained):
     mAP = next(m["value"] for m in metrics if m["name"] == "mAP")
     assert mAP == pytest.approx(100 * results["mAP"], abs=0.01)
     assert "Ethical considerations" in card and "prompt_epochs" in card
+    assert "`Pillow`" in card  # what loading with remote code needs besides transformers and torch
+    assert sorted(p.name for p in out.glob("*.py")) == [
+        "configuration_ccafl.py", "modeling_ccafl.py", "modeling_ccafl_resnet.py"]  # remote code: modelling only
 
 
 def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
@@ -339,7 +342,7 @@ def test_build_model_seed_overrides_and_errors():
 
 def test_card_base_model_only_for_hub_ids(tmp_path):
     """The card's ``base_model`` links a Hub model; built-in tiny models and local folders are left out."""
-    from ccafl_hf.model_card import hub_base_model
+    from ccafl_hf.pipeline.model_card import hub_base_model
 
     assert hub_base_model("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
     assert hub_base_model("tiny") is None and hub_base_model("tiny-pretrained") is None
@@ -478,26 +481,40 @@ BAD_VALUES = [
     (["--model_name_or_path", "./no-such-folder"], "--model_name_or_path ./no-such-folder: no such model folder"),
     (["--image_size", "64"], "--image_size"),
     (["--config_overrides", "[1]"], "--config_overrides must be a JSON object"),
+    (["--config_overrides", '{"nosuch": 1}'], "unknown config field nosuch"),
+    (["--config_overrides", '{"vision_config": {"patch_size": 0}}'], "patch_size must be an integer >= 1"),
     (["--dataset", "cuhk03"], "cuhk03"),
     (["--dataset_options", "[1]"], "--dataset_options must be a JSON object"),
     (["--learning_rate", "nan"], "--learning_rate"),
     (["--learning_rate", "abc"], "--learning_rate"),
     (["--weight_decay", "-1"], "--weight_decay"),
     (["--seed", "-3"], "--seed"),
-    (["--prompt_epochs", "-1"], "--prompt_epochs"),
-    (["--prompt_epochs", "0"], "--prompt_epochs"),
     (["--num_identities_per_batch", "1"], "--num_identities_per_batch"),
+    (["--num_identities_per_batch", "500"], "--num_identities_per_batch 500 is more than the"),
     (["--num_instances", "0"], "--num_instances"),
+    (["--num_instances", "1"], "--num_instances must be an integer >= 2"),
     (["--icdl_epochs", "-1"], "--icdl_epochs"),
     (["--ical_epochs", "-1"], "--ical_epochs"),
     (["--ical_epochs", "0"], "--ical_epochs"),
+    (["--warmup_epochs", "100"], "--warmup_epochs 100 is longer than the stage-2/3 loop"),
     (["--lr_decay_epochs", "a,b"], "--lr_decay_epochs"),
+    (["--lr_decay_epochs", "1000"], "--lr_decay_epochs 1000 is past the last loop epoch"),
     (["--optimizer", "lbfgs"], "--optimizer"),
     (["--sgd_momentum", "1.5"], "--sgd_momentum"),
     (["--memory_temperature", "0"], "--memory_temperature"),
+    (["--memory_temperature", "1e-30"], "--memory_temperature must be a number in [0.001, 10]"),
+    (["--memory_instances", "100000000"], "--memory_instances 100000000: the camera memories need"),
     (["--association_rate", "-1"], "--association_rate"),
     (["--association_rate", "0"], "--association_rate"),
+    (["--adversarial_start_epoch", "1000", "--adversarial_end_epoch", "1001"],
+     "--adversarial_start_epoch 1000 is past the last loop epoch"),
     (["--adversarial_end_epoch", "1"], "--adversarial_end_epoch"),
+    (["--adversarial_margin", "1e30"], "--adversarial_margin must be an angle in radians in (0, pi)"),
+    (["--adversarial_margin", "0"], "--adversarial_margin"),
+    (["--classifier_scale", "1e30"], "--classifier_scale"),
+    (["--prompt_epochs", "-1"], "--prompt_epochs"),
+    (["--prompt_epochs", "0"], "--prompt_epochs"),
+    (["--prompt_init_std", "1e30"], "--prompt_init_std must be a number in (0, 1]"),
 ]
 
 
@@ -510,7 +527,7 @@ def test_bad_values_table_is_in_help_order():
     parser = HfArgumentParser((ModelArguments, DataArguments, CCAFLTrainingArguments))
     order = [a.option_strings[0] for a in parser._actions if a.option_strings]
     positions = [order.index(argv[0]) for argv, _ in BAD_VALUES]
-    assert positions == sorted(positions)
+    assert positions == sorted(positions), [argv[0] for argv, _ in BAD_VALUES]
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
@@ -594,3 +611,72 @@ def test_full_disk_is_one_line_naming_the_folder(trained, tmp_path, capsys, monk
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
     assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write into"), err
     assert str(out) in err[0] and "disk is full" in err[0]
+
+
+def test_help_and_print_settings_show_only_what_a_run_uses(tmp_path, capsys):
+    """The Trainer flags the stages set themselves are hidden from --help and absent from --print_settings (still
+    refused if given); choice fields list their choices and a bad choice fails in the parser."""
+    from ccafl_hf.trainers import REPLACED_TRAINER_FLAGS
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    assert "--optimizer {adam,sgd}" in text and "{no,fp16,bf16,auto}" in text
+    for flag in REPLACED_TRAINER_FLAGS:
+        assert f"--{flag} " not in text and f"--{flag}\n" not in text, flag
+    assert train_main(["--output_dir", str(tmp_path / "out"), "--preset", "paper-market1501", "--print_settings"]) == 0
+    settings = json.loads(capsys.readouterr().out)["training"]
+    assert not set(REPLACED_TRAINER_FLAGS) & set(settings)
+    assert settings["optimizer"] == "adam" and settings["ical_epochs"] == load_preset("paper-market1501")["ical_epochs"]
+
+
+def _failing_run(tmp_path, capsys, extra=()) -> str:
+    out = tmp_path / "out"
+    code = train_main(["--output_dir", str(out), *SMALL_RUN, *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_non_finite_loss_stops_the_run_naming_stage_and_step(tmp_path, capsys, monkeypatch):
+    """A NaN loss is never dropped or trained on: one error line naming the loss, the step and the stage."""
+    import ccafl_hf.trainers.objectives as objectives
+
+    real = objectives.batch_hard_triplet_loss
+    monkeypatch.setattr(objectives, "batch_hard_triplet_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    line = _failing_run(tmp_path, capsys)
+    assert line.startswith("error: non-finite triplet=nan") and "at step 1 (ICDL, loop epoch 0)" in line, line
+
+
+def test_non_finite_prompt_loss_stops_stage_1(tmp_path, capsys, monkeypatch):
+    import ccafl_hf.trainers.prompt_learning as prompt_learning
+
+    real = prompt_learning.prompt_contrastive_loss
+    monkeypatch.setattr(prompt_learning, "prompt_contrastive_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    line = _failing_run(tmp_path, capsys)
+    assert line.startswith("error: non-finite loss at step 1 (PROMPT"), line
+
+
+def test_non_finite_features_stop_the_epoch_preparation(tmp_path, capsys, monkeypatch):
+    import ccafl_hf.trainers.base as base
+
+    real = base.extract_features
+
+    def diverged(*args, **kwargs):
+        extracted = real(*args, **kwargs)
+        extracted.reid_features[0, 0] = float("nan")
+        return extracted
+
+    monkeypatch.setattr(base, "extract_features", diverged)
+    line = _failing_run(tmp_path, capsys)
+    assert "features of the train split hold NaN" in line and "ICDL loop epoch 0" in line, line
+
+
+def test_non_finite_prompts_never_switch_off_the_image_text_losses(tiny_model):
+    from ccafl_hf.errors import NonFiniteError
+    from ccafl_hf.trainers import CCAFLForTraining
+
+    model, _ = tiny_model
+    text = torch.full((4, model.projection_dim), float("nan"))
+    with pytest.raises(NonFiniteError, match="text features"):
+        CCAFLForTraining(model, torch.tensor([0, 0, 1, 1]), text)

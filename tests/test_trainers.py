@@ -68,7 +68,7 @@ def training_setup(small_synthetic):
 def test_icdl_raises_within_camera_map(training_setup, tmp_path):
     dataset, info, model, _, train_collator, eval_collator = training_setup
     args = _args(tmp_path, iters_per_epoch=15, icdl_epochs=3)
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
 
     def within_map():
         extracted = extract_features(model, dataset["train"], eval_collator, progress=False)
@@ -88,7 +88,7 @@ def test_icdl_raises_within_camera_map(training_setup, tmp_path):
 def test_batches_never_carry_cross_camera_identity(training_setup, tmp_path):
     dataset, info, model, _, train_collator, eval_collator = training_setup
     args = _args(tmp_path)
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     trainer = ICDLTrainer(module, args, dataset["train"], train_collator, eval_collator)
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) <= {"pixel_values", "camids", "intra_ids", "cam_pids", "indices"}
@@ -107,7 +107,7 @@ def test_one_loop_ical_raises_cross_camera_map_over_icdl(seed, small_synthetic, 
     model, processor = create_tiny_model(seed=seed)
     train_collator, eval_collator = _collators(model, processor)
     args = _args(tmp_path, icdl_epochs=3, ical_epochs=3, iters_per_epoch=10, seed=seed)
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator,
                            eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]},
                            diagnostic_pids=info.identity_diagnostic_pids)
@@ -153,7 +153,7 @@ def test_one_optimizer_across_the_icdl_ical_boundary_and_no_clipping(training_se
     dataset, info, model, _, train_collator, eval_collator = training_setup
     args = _args(tmp_path, icdl_epochs=1, ical_epochs=1, iters_per_epoch=3)
     assert args.max_grad_norm == 0
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     recorder = _StepRecorder()
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, callbacks=[recorder])
     recorder.trainer = trainer
@@ -174,7 +174,7 @@ def test_sgd_with_frozen_patch_projection(training_setup, tmp_path):
     dataset, info, model, _, train_collator, eval_collator = training_setup
     args = _args(tmp_path, optimizer="sgd", freeze_patch_embedding=True, icdl_epochs=1, ical_epochs=1,
                  iters_per_epoch=3, learning_rate=0.05)
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     patch = model.vision_model.embeddings.patch_embedding.weight.detach().clone()
     other = model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
     trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator)
@@ -197,9 +197,9 @@ def test_freeze_patch_embedding_on_a_tower_without_one_warns(caplog):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--optimizer", "lbfgs"], "--optimizer must be one of adam, sgd"),
-        (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
-        (["--mixed_precision", "fp8"], "--mixed_precision must be one of"),
+        (["--optimizer", "lbfgs"], "--optimizer: invalid choice"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be"),
+        (["--mixed_precision", "fp8"], "invalid choice: 'fp8'"),
         (["--mixed_precision", "fp16", "--bf16", "true"], "contradicts"),
     ],
 )
@@ -224,9 +224,9 @@ def test_icdl_and_ical_under_bf16_autocast(training_setup, tmp_path):
     dataset, info, model, _, train_collator, eval_collator = training_setup
     args = _args(tmp_path, bf16=True, iters_per_epoch=3, icdl_epochs=1, ical_epochs=1,
                  adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1)
-    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, memory_instances=args.memory_instances)
     icdl = ICDLTrainer(module, args, dataset["train"], train_collator, eval_collator)
-    assert icdl.args.bf16 and icdl.args.mixed_precision == "bf16"
+    assert icdl.args.bf16 and icdl.args.extraction_precision == "bf16"
     icdl.train()
     ical = ICALTrainer(module, args, dataset["train"], train_collator, eval_collator)
     assert ical.epoch_range == (1, 2)

@@ -8,12 +8,16 @@ marks them for custom-code export so saved checkpoints load with
 from transformers import AutoConfig, AutoModel
 
 from .configuration_ccafl import CCAFLConfig, CCAFLResNetVisionConfig
+from .errors import CCAFLError
 from .modeling_ccafl import CCAFLModel, CCAFLOutput, resize_position_embeddings
 from .modeling_ccafl_resnet import CCAFLResNetVisionModel
 from .processing import build_image_processor, build_reid_processor, load_tokenizer
 from .tiny import build_tiny_tokenizer, create_tiny_model, tiny_config
+from .utils.moved import install_moved_modules
 
 __version__ = "0.2.1"
+
+install_moved_modules()  # ccafl_hf.precision, ccafl_hf.cache, ...: their old import paths, for one release
 
 AutoConfig.register(CCAFLConfig.model_type, CCAFLConfig, exist_ok=True)
 AutoConfig.register(CCAFLResNetVisionConfig.model_type, CCAFLResNetVisionConfig, exist_ok=True)
@@ -23,6 +27,7 @@ CCAFLModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "CCAFLConfig",
+    "CCAFLError",
     "CCAFLModel",
     "CCAFLOutput",
     "CCAFLResNetVisionConfig",

@@ -38,7 +38,11 @@ import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .neighbors import as_float32_numpy, faiss, resolve_faiss_gpu  # faiss: with the install hint if missing
+from .utils.neighbors import (  # faiss: with the install hint if missing
+    as_float32_numpy,
+    faiss,
+    resolve_faiss_gpu,
+)
 
 logger = logging.getLogger(__name__)
 

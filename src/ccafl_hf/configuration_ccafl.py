@@ -173,8 +173,8 @@ class CCAFLConfig(CLIPConfig):
                 )
         else:
             patch = self.vision_config.patch_size
-            if not isinstance(patch, int):
-                raise ValueError(f"vision_config.patch_size must be an int, got {patch!r}")
+            if not isinstance(patch, int) or patch < 1:
+                raise ValueError(f"vision_config.patch_size must be an integer >= 1, got {patch!r}")
             if height % patch or width % patch:
                 raise ValueError(
                     f"image_size (height={height}, width={width}) must be divisible by the vision patch size "

@@ -84,7 +84,7 @@ def find_open_clip_checkpoint(name_or_path: str | os.PathLike) -> OpenCLIPCheckp
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub_utils import hub_local_files_only
+    from .utils.hub_utils import hub_local_files_only
 
     local_only = hub_local_files_only(name)  # offline or unreachable Hub: the cache only, no minute of retries
     try:

@@ -169,7 +169,8 @@ class CameraMemory(nn.Module):
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, intra_ids: torch.Tensor) -> None:
-        """Write a batch into the memory (after the optimiser step).
+        """Write a batch into the memory (in the training step: after the backward pass, before the optimiser
+        step, with the step's detached features).
 
         Instance slots follow the cyclic-pointer rule of the class docstring; for every identity in
         the batch, ``c <- normalize(m c + (1 - m) mean of its batch features)``.

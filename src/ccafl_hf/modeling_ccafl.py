@@ -9,6 +9,7 @@ imports nothing from `ccafl_hf`: only torch, transformers and the sibling config
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -63,6 +64,11 @@ class CCAFLVisionEmbeddings(CLIPVisionEmbeddings):
         self.position_ids = nn.Buffer(torch.arange(self.num_positions).expand((1, -1)), persistent=False)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        if interpolate_pos_encoding:
+            raise ValueError(
+                "interpolate_pos_encoding=True is not supported: the position embeddings are stored for the model's "
+                f"{self.image_size[0]}x{self.image_size[1]} grid; resize the images with the model's image processor"
+            )
         batch_size, _, height, width = pixel_values.shape
         if (height, width) != self.image_size:
             raise ValueError(
@@ -251,76 +257,10 @@ class CCAFLModel(CLIPModel):
             OSError: the checkpoint can't be found (e.g. offline and not cached), with how to fix it.
             ValueError: a pickled checkpoint (never unpickled), or an open_clip tower other than RN50.
         """
-        if not isinstance(clip, CLIPModel):
-            from .convert_open_clip import find_open_clip_checkpoint, refuse_pickled
-
-            refuse_pickled(clip)
-            checkpoint = find_open_clip_checkpoint(clip)
-            if checkpoint is not None:
-                return cls._from_open_clip(checkpoint, image_size, **config_kwargs)
-            clip = _load_clip(clip)
-        resnet_only = sorted(set(config_kwargs) & {"last_stride", "gem_p"})
-        if resnet_only:
-            raise ValueError(f"{', '.join(resnet_only)} only applies to a ResNet (RN50) tower, not to CLIP ViT weights")
-        clip_config = clip.config
-        config = CCAFLConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            projection_dim=clip_config.projection_dim,
-            logit_scale_init_value=clip_config.logit_scale_init_value,
-            image_size=tuple(image_size),
-            **config_kwargs,
-        )
-        model = cls(config).to(clip.dtype)
-        state = clip.state_dict()
-        key = "vision_model.embeddings.position_embedding.weight"
-        state[key] = resize_position_embeddings(state[key], config.patch_grid)
-        model._load_converted(state, allowed_missing=("neck.",))
-        return model
-
-    @classmethod
-    def _from_open_clip(cls, checkpoint, image_size: tuple[int, int], **config_kwargs) -> CCAFLModel:
-        """CCAFL model with the ResNet tower from an open_clip RN50 checkpoint (see `from_clip`)."""
-        from .convert_open_clip import load_open_clip_state_dict, open_clip_config_kwargs
-        from .modeling_ccafl_resnet import resize_attention_pool_positions
-
-        kwargs = open_clip_config_kwargs(checkpoint)
-        for field in ("last_stride", "gem_p"):
-            if field in config_kwargs:
-                kwargs["vision_config"][field] = config_kwargs.pop(field)
-        state = load_open_clip_state_dict(checkpoint)
-        config = CCAFLConfig(
-            **kwargs, logit_scale_init_value=float(state["logit_scale"]), image_size=tuple(image_size), **config_kwargs
-        )
-        model = cls(config)
-        key = "vision_model.attention_pool.position_embedding"
-        state[key] = resize_attention_pool_positions(state[key], config.patch_grid)
-        model._load_converted(state, allowed_missing=("neck.", "vision_model.gem."))
-        return model
-
-    def _load_converted(self, state: dict[str, torch.Tensor], allowed_missing: tuple[str, ...]) -> None:
-        """Load converted CLIP weights; anything missing (beyond the new ReID parts) or left over is an error."""
-        incompatible = self.load_state_dict(state, strict=False)
-        unexpected = [k for k in incompatible.unexpected_keys if not k.endswith("position_ids")]
-        missing = [k for k in incompatible.missing_keys if not k.startswith(allowed_missing)]
-        if missing or unexpected:
-            raise ValueError(f"CLIP weights do not fit a CCAFL model: missing {missing}, unexpected {unexpected}")
-
-
-def _load_clip(name_or_path: str | os.PathLike) -> CLIPModel:
-    """Load a `CLIPModel`, turning "not found / offline" into one actionable error."""
-    from .hub_utils import hub_local_files_only, hub_offline
-
-    try:  # an unreachable Hub is detected once, instead of by a minute of retries
-        return CLIPModel.from_pretrained(name_or_path, local_files_only=hub_local_files_only(name_or_path))
-    except (OSError, ValueError) as error:
-        reason = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub could not be reached or has no such repo"
-        raise OSError(
-            f"Could not load CLIP weights {str(name_or_path)!r} ({type(error).__name__}: {reason}; it is not a "
-            "local folder or cached checkpoint either). Download them on a machine with network access (e.g. "
-            f"`hf download {name_or_path} --local-dir ./clip-weights`), copy the folder here and pass its path "
-            "instead (--model_name_or_path ./clip-weights)."
-        ) from None
+        # the conversion lives in ccafl_hf.convert_clip, outside this file: a saved model's remote code is the
+        # modelling files only (an import statement here would ship the converters and the Hub helpers with it)
+        convert = importlib.import_module("ccafl_hf.convert_clip")
+        return convert.from_clip(clip, image_size, model_class=cls, **config_kwargs)
 
 
 __all__ = ["CCAFLModel", "CCAFLOutput", "CCAFLVisionEmbeddings", "resize_position_embeddings"]

@@ -28,7 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The tokenizer of a CLIP checkpoint or of a saved CCAFL folder (clear error when missing)."""
-    from .hub_utils import hub_local_files_only
+    from .utils.hub_utils import hub_local_files_only
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=hub_local_files_only(name_or_path))

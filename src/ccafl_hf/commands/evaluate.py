@@ -16,7 +16,7 @@ from .options import (
     add_dataset_args,
     add_extraction_args,
     add_model_args,
-    extraction_kwargs,
+    extraction_options,
     fail,
     load_dataset_from_args,
     load_model_from_args,
@@ -76,9 +76,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, image_processor = load_model_from_args(args)
     dataset = load_dataset_from_args(args)
     collate = ReIDCollator(eval_transform_for(model, image_processor))
-    common = extraction_kwargs(args)
-    query = extract_features(model, dataset["query"], collate, desc="Query features", **common)
-    gallery = extract_features(model, dataset["gallery"], collate, desc="Gallery features", **common)
+    options = extraction_options(args)
+    query = extract_features(model, dataset["query"], collate, options, desc="Query features")
+    gallery = extract_features(model, dataset["gallery"], collate, options, desc="Gallery features")
     metrics = compute_reid_metrics(
         query.reid_features, gallery.reid_features, query.labels["pids"], gallery.labels["pids"],
         query.labels["camids"], gallery.labels["camids"], rerank=args.rerank,
@@ -87,7 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     settings = {"model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
                 "dataset_options": json.loads(args.dataset_options or "{}"), "rerank": args.rerank,
-                "flip": args.flip, "mixed_precision": common["mixed_precision"] or "no",
+                "flip": args.flip, "mixed_precision": options.mixed_precision or "no",
                 "num_query": len(dataset["query"]), "num_gallery": len(dataset["gallery"])}
     print(f"\n{args.dataset} query/gallery ({settings['num_query']}/{settings['num_gallery']} images), "
           f"model {args.model}{', re-ranked' if args.rerank else ''}:")

@@ -93,12 +93,21 @@ def add_dataset_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--dataset_options", default="{}", help="JSON dict of reader options.")
 
 
-def extraction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments of `extract_features` / `embed_images` from the extraction flags."""
-    from ..precision import resolve_mixed_precision
+def extraction_options(args: argparse.Namespace):
+    """The `ExtractionOptions` of the extraction flags."""
+    from ..evaluation import ExtractionOptions
+    from ..utils.precision import resolve_mixed_precision
 
-    return dict(batch_size=args.batch_size, num_workers=args.num_workers, flip=args.flip,
-                mixed_precision=resolve_mixed_precision(bf16=args.bf16, fp16=args.fp16), progress=not args.no_progress)
+    return ExtractionOptions(batch_size=args.batch_size, num_workers=args.num_workers, flip=args.flip,
+                             mixed_precision=resolve_mixed_precision(bf16=args.bf16, fp16=args.fp16),
+                             progress=not args.no_progress)
+
+
+def extraction_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The extraction flags as keyword arguments (`embed_images`, `embed_folder`)."""
+    import dataclasses
+
+    return dataclasses.asdict(extraction_options(args))
 
 
 def metrics_table(rows: dict[str, dict[str, float]], label: str | None = None) -> str:
@@ -132,8 +141,8 @@ def load_model_from_args(args: argparse.Namespace):
     """``(model, image_processor)`` of ``--model`` on this process's device (`load_reid_model`)."""
     from accelerate import PartialState
 
-    from ..model_files import load_checked
     from ..retrieval import load_reid_model
+    from ..utils.model_files import load_checked
 
     if getattr(args, "no_progress", False):
         from transformers.utils import logging as hf_logging
@@ -165,6 +174,7 @@ __all__ = [
     "add_faiss_device",
     "add_model_args",
     "extraction_kwargs",
+    "extraction_options",
     "fail",
     "faiss_use_gpu",
     "load_dataset_from_args",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -11,12 +12,15 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from ..errors import ArgumentError, CCAFLError
+from ..trainers.arguments import REPLACED_TRAINER_FLAGS
+from ..trainers.validation import epoch_window_problems
 from .options import metrics_table
 
 logger = logging.getLogger("ccafl_hf")
 
 
-class PresetError(ValueError):
+class PresetError(CCAFLError):
     """Unknown preset, or a preset that names an unknown argument."""
 
 
@@ -42,35 +46,29 @@ def _peek_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
-#: `transformers.TrainingArguments` flags that CCAFL's stages set themselves (so a value given on the
-#: command line would be ignored or only half applied): refused, naming the flags that do the job
-REPLACED_TRAINER_FLAGS = {
-    "num_train_epochs": "--prompt_epochs, --icdl_epochs and --ical_epochs",
-    "max_steps": "--prompt_epochs, --icdl_epochs, --ical_epochs and --iters_per_epoch",
-    "per_device_train_batch_size": "--prompt_batch_size (stage 1) and --num_identities_per_batch x --num_instances "
-                                   "(stages 2-3)",
-    "lr_scheduler_type": "--warmup_epochs, --warmup_factor, --lr_decay_epochs and --lr_decay_gamma (stages 2-3; "
-                         "stage 1 is cosine with --prompt_warmup_epochs)",
-    "warmup_steps": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
-    "warmup_ratio": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
-    "optim": "--optimizer {adam,sgd}",
-}
-
-
 def _check_replaced_flags(argv: list[str]) -> None:
     """One line for a `REPLACED_TRAINER_FLAGS` flag given on the command line."""
     for token in argv:
         name = token.split("=", 1)[0][2:] if token.startswith("--") else None
         if name in REPLACED_TRAINER_FLAGS:
-            raise ValueError(f"--{name} is not used by CCAFL training (each stage sets it); use "
-                             f"{REPLACED_TRAINER_FLAGS[name]}")
+            raise ArgumentError(f"--{name} is not used by CCAFL training (each stage sets it); use "
+                                f"{REPLACED_TRAINER_FLAGS[name]}")
+
+
+def _check_epoch_windows(argv: list[str], args) -> None:
+    """An epoch window given on the command line that lies past the end of the stage-2/3 loop is refused (a
+    preset's window that a shorter loop leaves behind is only warned about, when the arguments are built)."""
+    given = {token.split("=", 1)[0][2:] for token in argv if token.startswith("--")}
+    for flag, message in epoch_window_problems(args).items():
+        if flag in given and any(s in ("icdl", "ical") for s in args.stages):
+            raise ArgumentError(message)
 
 
 def _check_data_flags(argv: list[str], dataset: str, data_dir: str | None) -> None:
     """``--data_dir`` while the dataset is still the preset's synthetic one is almost always a missing
     ``--dataset``: refuse instead of generating the synthetic set inside the user's data folder."""
     if dataset == "synthetic" and data_dir is not None and _peek_option(argv, "dataset", "") != "synthetic":
-        raise ValueError(
+        raise ArgumentError(
             f"--data_dir {data_dir} is given but the dataset is the preset's 'synthetic': pass --dataset "
             "(market1501, dukemtmc, msmt17, custom, hf) for your data, or --dataset synthetic to generate the "
             "synthetic set in that folder"
@@ -121,6 +119,9 @@ def _parse_train_command(argv: list[str] | None = None):
                              "launch` sets to 1 unless given --num_cpu_threads_per_process. On a small shared CPU, 1 "
                              "avoids the stalls of threads spin-waiting for a core another job holds.")
     parser.error = _raise_usage_error  # a bad flag or value: one line (train_main), not argparse's usage block
+    for action in parser._actions:
+        if action.dest in REPLACED_TRAINER_FLAGS:
+            action.help = argparse.SUPPRESS  # refused by _check_replaced_flags: not shown as something to set
     preset_name = _peek_option(argv, "preset", "demo")
     preset = load_preset(preset_name)
     known = {action.dest for action in parser._actions}
@@ -131,14 +132,15 @@ def _parse_train_command(argv: list[str] | None = None):
     _check_replaced_flags(argv)
     model_args, data_args, training_args, extra = parser.parse_args_into_dataclasses(args=argv)
     _check_data_flags(argv, data_args.dataset, data_args.data_dir)
+    _check_epoch_windows(argv, training_args)
     extra.requested_mixed_precision = _peek_option(argv, "mixed_precision", str(preset.get("mixed_precision", "no")))
     if extra.num_threads is not None and extra.num_threads < 1:
-        raise ValueError(f"--num_threads must be an integer >= 1, got {extra.num_threads}")
+        raise ArgumentError(f"--num_threads must be an integer >= 1, got {extra.num_threads}")
     return model_args, data_args, training_args, extra
 
 
 def _raise_usage_error(message: str):
-    raise ValueError(message)
+    raise ArgumentError(message)
 
 
 def _one_line(error: Exception) -> str:
@@ -147,15 +149,13 @@ def _one_line(error: Exception) -> str:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
-    from ..data import ReIDDatasetError
-    from ..model_files import ModelFolderError
-    from ..pipeline import RunError, run_training
-    from ..pipeline.run_directory import RunDirectoryError, describe_write_error
+    from ..pipeline import run_training
+    from ..pipeline.run_directory import describe_write_error
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         model_args, data_args, training_args, options = _parse_train_command(argv)
-    except ValueError as error:  # bad flag values, preset problems, argument validation
+    except (CCAFLError, ValueError) as error:  # bad flag values (also transformers' own), presets, validation
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if options.print_settings:
@@ -172,7 +172,7 @@ def train_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(options.num_threads)
     try:
         results = run_training(model_args, data_args, training_args)
-    except (RunError, RunDirectoryError, ModelFolderError, ReIDDatasetError, OSError, RuntimeError) as error:
+    except (CCAFLError, OSError, RuntimeError) as error:
         # a RuntimeError is reported here only when it is a failed write (torch.save on a full disk)
         line = describe_write_error(error, training_args.output_dir)
         if line is None and isinstance(error, RuntimeError):
@@ -181,6 +181,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)  # the caller's own count (train_main may run inside another program)
+    from ..utils.processes import close_process_group
+
     if training_args.process_index == 0 and results.get("already_finished"):
         print(f"\nnothing trained: this run already finished in {training_args.output_dir} with the same settings "
               f"(final mAP {100 * results.get('mAP', 0.0):.1f}%, all stages in eval_results.json); pass "
@@ -189,7 +191,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print("\nCCAFL results (query/gallery, Market-1501 protocol):")
         print(metrics_table(results["stages"], label="stage"))
         print(f"\nmodel, card and eval_results.json written to {training_args.output_dir}")
+    close_process_group()  # under accelerate launch: every rank ends together (see close_process_group)
     return 0
 
 
-__all__ = ["available_presets", "load_preset", "parse_train_args", "train_main"]
+__all__ = ["REPLACED_TRAINER_FLAGS", "available_presets", "load_preset", "parse_train_args", "train_main"]

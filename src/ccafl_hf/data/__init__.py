@@ -14,7 +14,7 @@ The train split's ``diagnostic_pid`` (cross-camera ground truth) is for diagnost
 collator never puts it in a batch.
 """
 
-from .collate import DIAGNOSTIC_COLUMNS, LABEL_KEYS, ReIDCollator
+from .collate import LABEL_KEYS, ReIDCollator
 from .datasets import (
     ReIDDatasetInfo,
     ReIDSource,
@@ -41,7 +41,6 @@ from .synthetic import (
 from .transforms import build_eval_transform, build_train_transform
 
 __all__ = [
-    "DIAGNOSTIC_COLUMNS",
     "LABEL_KEYS",
     "RandomIdentityBatchSampler",
     "RandomIdentitySampler",

@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 #: row column -> batch key. Only these labels are collated; anything else is left out.
 LABEL_KEYS = {"camid": "camids", "pid": "pids", "intra_id": "intra_ids", "cam_pid": "cam_pids", "index": "indices"}
-#: columns that must never reach a model: the train split's cross-camera ground truth.
-DIAGNOSTIC_COLUMNS = frozenset({"diagnostic_pid"})
 
 
 class ReIDCollator:

@@ -1,7 +1,7 @@
 """Evaluation under the Market-1501 protocol: features, ranking metrics, re-ranking and pictures.
 
-* `extract_features` / `evaluate_reid_model` (`extraction`) - the batched feature-extraction loop
-  and the metrics of a model on a query/gallery pair;
+* `extract_features` / `evaluate_reid_model` / `evaluate_splits` (`extraction`) - the batched
+  feature-extraction loop (`ExtractionOptions`) and the metrics of a model on a query/gallery pair;
 * `evaluate_rank` / `compute_reid_metrics` (`ranking`) - metrics from a dense query×gallery distance
   matrix, or from features chunked over queries (never holding that matrix; optionally re-ranked);
 * `rerank_distances` / `rerank_from_features` (`rerank`) - k-reciprocal re-ranking of dense distance
@@ -13,8 +13,15 @@
 
 from pathlib import Path
 
-from ..precision import autocast_context  # re-exported: its home is ccafl_hf.precision
-from .extraction import METRIC_KEYS, ExtractedFeatures, evaluate_reid_model, extract_features
+from ..utils.precision import autocast_context  # re-exported: its home is ccafl_hf.utils.precision
+from .extraction import (
+    METRIC_KEYS,
+    ExtractedFeatures,
+    ExtractionOptions,
+    evaluate_reid_model,
+    evaluate_splits,
+    extract_features,
+)
 from .ranking import DistanceMetric, compute_reid_metrics, evaluate_rank, pairwise_distance
 from .rerank import KReciprocalDistances, rerank_distances, rerank_from_features
 from .visualization import (
@@ -38,6 +45,7 @@ __all__ = [
     "REID_METRIC_PATH",
     "DistanceMetric",
     "ExtractedFeatures",
+    "ExtractionOptions",
     "KReciprocalDistances",
     "QueryRanking",
     "RankedListLayout",
@@ -46,6 +54,7 @@ __all__ = [
     "compute_reid_metrics",
     "evaluate_rank",
     "evaluate_reid_model",
+    "evaluate_splits",
     "extract_features",
     "pairwise_distance",
     "rank_gallery",

@@ -7,8 +7,9 @@ several processes each rank embeds its share and the results are gathered in dat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +17,41 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..modeling_ccafl import CCAFLModel
-from ..precision import autocast_context
+from ..utils.precision import autocast_context
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """How features are extracted: the one options object of every extraction (evaluation, the stage-1
+    cache, the memory rebuild and association, the retrieval tools).
+
+    Attributes:
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes.
+        mixed_precision: ``"bf16"``/``"fp16"`` autocast, or None/``"no"``.
+        flip: average each feature with the one of its horizontal flip (then renormalise).
+        progress: show a progress bar (main process only).
+    """
+
+    batch_size: int = 128
+    num_workers: int = 0
+    mixed_precision: str | None = None
+    flip: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {self.batch_size}, {self.num_workers}")
+
+
+def _options(options: ExtractionOptions | None, overrides: dict) -> ExtractionOptions:
+    """``options`` (default: `ExtractionOptions()`) with keyword overrides (the keywords of 0.2)."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ExtractionOptions)}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    return dataclasses.replace(options or ExtractionOptions(), **overrides)
 
 
 @dataclass
@@ -41,16 +74,13 @@ def extract_features(
     model: CCAFLModel,
     dataset: Dataset,
     collate_fn: Callable,
+    options: ExtractionOptions | None = None,
     *,
-    batch_size: int = 128,
-    num_workers: int = 0,
-    mixed_precision: str | None = None,
-    flip: bool = False,
     with_alignment: bool = False,
     accelerator=None,
     label_keys: Sequence[str] = ("camids", "pids", "intra_ids", "cam_pids"),
     desc: str = "Extracting features",
-    progress: bool = True,
+    **option_overrides,
 ) -> ExtractedFeatures:
     """Embed every item of ``dataset`` (eval mode; model mode restored afterwards).
 
@@ -58,9 +88,9 @@ def extract_features(
         model: the CCAFL model (may be wrapped by DDP; it is unwrapped).
         dataset: map-style dataset of rows understood by ``collate_fn`` (returns a dict with
             ``pixel_values [B, 3, H, W]`` and integer label tensors).
-        flip: average the features of the image and its horizontal flip (then renormalise).
-        mixed_precision: ``"bf16"``/``"fp16"`` autocast, or None/``"no"``; under an ``accelerator`` its own
-            autocast applies (a different explicit value is an error).
+        options: batch size, workers, mixed precision, flip, progress (`ExtractionOptions`); its fields also
+            work as keywords (``batch_size=64``). Under an ``accelerator`` its own autocast applies (a different
+            explicit mixed precision is an error).
         accelerator: the run's `accelerate.Accelerator` (None: the current process state). With several
             processes each one embeds every num_processes-th batch and every process receives the full
             result, in dataset order (`Accelerator.gather_for_metrics`).
@@ -70,6 +100,9 @@ def extract_features(
     from accelerate import Accelerator, PartialState
     from accelerate.utils import extract_model_from_parallel
 
+    opts = _options(options, option_overrides)
+    batch_size, num_workers, mixed_precision, flip, progress = (
+        opts.batch_size, opts.num_workers, opts.mixed_precision, opts.flip, opts.progress)
     model = extract_model_from_parallel(model)
     device = model.device
     # an own generator: creating the iterator must not consume the global RNG (exact resume)
@@ -131,28 +164,47 @@ def evaluate_reid_model(
     query_dataset: Dataset,
     gallery_dataset: Dataset,
     collate_fn: Callable,
+    options: ExtractionOptions | None = None,
     *,
-    batch_size: int = 128,
-    num_workers: int = 0,
-    mixed_precision: str | None = None,
-    flip: bool = False,
     rerank: bool = False,
     accelerator=None,
-    progress: bool = True,
+    **option_overrides,
 ) -> dict:
-    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (docs/method.md §1).
+    """Market-1501-protocol metrics of ``model`` on a query/gallery pair (docs/method.md §1), features
+    extracted with ``options`` (`ExtractionOptions`; its fields also work as keywords).
 
     Returns the dict of `ccafl_hf.evaluation.compute_reid_metrics` (``mAP``, ``rank1``, …, fractions).
     """
     from .ranking import compute_reid_metrics
 
-    common = dict(batch_size=batch_size, num_workers=num_workers, mixed_precision=mixed_precision, flip=flip,
-                  accelerator=accelerator, progress=progress)
-    query = extract_features(model, query_dataset, collate_fn, desc="Query features", **common)
-    gallery = extract_features(model, gallery_dataset, collate_fn, desc="Gallery features", **common)
+    opts = _options(options, option_overrides)
+    query = extract_features(model, query_dataset, collate_fn, opts, accelerator=accelerator, desc="Query features")
+    gallery = extract_features(model, gallery_dataset, collate_fn, opts, accelerator=accelerator,
+                               desc="Gallery features")
     return compute_reid_metrics(
         query.reid_features, gallery.reid_features, query.labels["pids"], gallery.labels["pids"],
         query.labels["camids"], gallery.labels["camids"], rerank=rerank,
     )
 
-__all__ = ["METRIC_KEYS", "ExtractedFeatures", "evaluate_reid_model", "extract_features"]
+def evaluate_splits(
+    model: CCAFLModel,
+    splits: Mapping[str, Dataset] | None,
+    collate_fn: Callable,
+    options: ExtractionOptions | None = None,
+    *,
+    rerank: bool = False,
+    accelerator=None,
+    stage: str = "",
+) -> dict[str, float]:
+    """The one stage evaluation of training: `METRIC_KEYS` of ``model`` on ``splits["query"]`` /
+    ``splits["gallery"]`` (floats), or ``{}`` with a warning when either split is missing or empty."""
+    if not splits or len(splits.get("query", ())) == 0 or len(splits.get("gallery", ())) == 0:
+        logger.warning("no query/gallery split: skipping the evaluation%s", f" after {stage}" if stage else "")
+        return {}
+    metrics = evaluate_reid_model(model, splits["query"], splits["gallery"], collate_fn, options, rerank=rerank,
+                                  accelerator=accelerator)
+    return {k: float(metrics[k]) for k in METRIC_KEYS}
+
+
+__all__ = ["METRIC_KEYS", "ExtractedFeatures", "ExtractionOptions", "evaluate_reid_model", "evaluate_splits",
+           "extract_features"]

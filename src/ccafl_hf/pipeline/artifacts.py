@@ -29,7 +29,7 @@ def save_artifacts(model, processor, args, model_args, data_args, info, results:
     renamed into place, ``eval_results.json`` last: a reader never sees a file cut off, and a run killed
     here leaves no ``eval_results.json`` of its own (it is rewritten on resume).
     """
-    from ..model_card import render_model_card
+    from .model_card import render_model_card
 
     kill_point("before-artifacts")
     out = Path(args.output_dir)

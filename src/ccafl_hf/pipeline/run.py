@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..data import (
     build_eval_transform,
     build_train_transform,
 )
-from ..evaluation import METRIC_KEYS, evaluate_reid_model
+from ..evaluation import evaluate_splits
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner, load_text_features, save_text_features
 from ..trainers import (
@@ -33,6 +32,8 @@ from ..trainers import (
     PromptLearningTrainer,
 )
 from ..trainers.base import IMAGE_STAGES
+from ..trainers.configs import extraction_options
+from ..trainers.validation import check_against_data
 from .artifacts import push_output_dir, save_artifacts
 from .checkpoints import _explicit_checkpoint, _relative, _resume_message, last_complete_checkpoint
 from .constants import ADAPTER_DIR, EVAL_FILE, LOOP_CHECKPOINTS, SETTINGS_FILE, STATE_FILE, TEXT_FEATURES_FILE
@@ -71,6 +72,8 @@ def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAF
         # data and model before the folder is touched: a run that fails on them leaves it as it found it
         dataset, info = _load_dataset(data_args)
         model, processor = build_model(model_args, seed=args.seed)
+        if any(s in IMAGE_STAGES for s in args.stages):  # sizes against the data and the free memory
+            check_against_data(args, info.num_train_identities, model.reid_feature_dim, args.device)
         run_dir.set_settings(run_settings(model_args, data_args, args, dataset_identity(dataset)))
         plan = run_dir.plan(overwrite=args.overwrite_output_dir)
         process.wait_for_everyone()
@@ -102,19 +105,12 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
         height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
     ))
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
-    mixed = args.mixed_precision
 
     def evaluate(stage: str) -> dict:
-        if len(dataset["query"]) == 0 or len(dataset["gallery"]) == 0:
-            logger.warning("no query/gallery split: skipping the evaluation after %s", stage)
-            return {}
-        metrics = evaluate_reid_model(
-            model, dataset["query"], dataset["gallery"], eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=mixed, flip=args.eval_flip,
-            rerank=args.eval_rerank,
-        )
-        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
-        logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
+        summary = evaluate_splits(model, dataset, eval_collator, extraction_options(args, flip=args.eval_flip),
+                                  rerank=args.eval_rerank, stage=stage)
+        if summary:
+            logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
         return summary
 
     stage_results: dict[str, dict] = {}
@@ -178,7 +174,11 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
         prompt_text = Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE
         if text_features is None and prompt_text.is_file():
             text_features, _ = load_text_features(prompt_text)
-        module = CCAFLForTraining(model, identity_camids, text_features, args).to(device)
+        module = CCAFLForTraining(
+            model, identity_camids, text_features, memory_instances=args.memory_instances,
+            memory_momentum=args.memory_momentum, memory_temperature=args.memory_temperature,
+            classifier_scale=args.classifier_scale,
+        ).to(device)
         stage_results.update(_run_image_stages(
             run_dir, module, dataset, info, args, image_stages, resuming, explicit, train_collator, eval_collator,
             previous=stage_results.get("prompt", stage_results["untrained"]),
@@ -249,7 +249,7 @@ def _run_image_stages(
                 logger.info(_loop_resume_message(resume, args, stages, run_dir.path))
             process.wait_for_everyone()
         trainer = CCAFLTrainer(
-            module, dataclasses.replace(args, output_dir=loop_dir, push_to_hub=False), dataset["train"],
+            module, args.loop_config(stages, output_dir=loop_dir), dataset["train"],
             train_collator, eval_collator, stages=stages, diagnostic_pids=info.identity_diagnostic_pids,
             eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]},
         )

@@ -32,6 +32,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from ..errors import CCAFLError
+
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "ccafl_run.json"
@@ -59,7 +61,7 @@ RUN_ONLY_ARGUMENTS = frozenset({
 RUN_ONLY_INPUTS = frozenset({"data_dir", "preset"})
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(CCAFLError):
     """The output folder cannot be used for this run (reported as one line by the script)."""
 
 

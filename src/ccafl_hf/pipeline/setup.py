@@ -15,7 +15,7 @@ from ..data import (
     dataset_summary,
     load_reid_dataset,
 )
-from ..model_files import ModelFolderError, check_model_folder, load_checked
+from ..errors import CCAFLError
 from ..modeling_ccafl import CCAFLModel
 from ..processing import build_reid_processor, load_tokenizer
 from ..tiny import TINY_MODELS, create_tiny_model
@@ -23,6 +23,7 @@ from ..tiny.pretraining import TINY_PRETRAINED_NAME, load_tiny_pretrained
 from ..trainers import (
     CCAFLTrainingArguments,
 )
+from ..utils.model_files import ModelFolderError, check_model_folder, load_checked
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class DataArguments:
         _json_object(self.dataset_options, "--dataset_options")
 
 
-class RunError(ValueError):
+class RunError(CCAFLError):
     """A problem with the run's arguments or output folder (reported as one line by the script)."""
 
 
@@ -143,7 +144,7 @@ def _json_object(value: str | dict | None, flag: str) -> dict[str, Any]:
 def resolved_settings(model_args, data_args, args: CCAFLTrainingArguments) -> dict[str, Any]:
     """Every setting of a run after preset + flags, JSON-ready: ``{"model": …, "data": …, "training": …}``
     (tokens redacted as `TrainingArguments.to_dict` does). Unlike the run's fingerprint
-    (`ccafl_hf.run_directory.run_settings`) this includes the run-only settings (logging, paths, workers)."""
+    (`ccafl_hf.pipeline.run_directory.run_settings`) this includes the run-only settings (logging, paths, workers)."""
     return json.loads(json.dumps(
         {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}, default=str))
 

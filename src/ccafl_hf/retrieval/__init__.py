@@ -30,8 +30,6 @@ from .features import (
     embed_images,
     embed_split,
     list_images,
-    load_features,
-    save_features,
 )
 from .index import (
     IndexKind,
@@ -81,12 +79,10 @@ __all__ = [
     "link_mot_scene",
     "link_tracklets",
     "list_images",
-    "load_features",
     "load_index",
     "load_reid_model",
     "onnxruntime_available",
     "require_onnx",
-    "save_features",
     "save_index",
     "search",
     "search_gallery",

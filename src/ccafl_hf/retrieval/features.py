@@ -175,16 +175,6 @@ class FeatureSet:
         return cls(tensors["features"], paths, root, tensors.get("camids"), tensors.get("pids"), metadata)
 
 
-def save_features(features: FeatureSet, path: str | os.PathLike) -> Path:
-    """Write ``features`` to a safetensors file (see `FeatureSet.save`)."""
-    return features.save(path)
-
-
-def load_features(path: str | os.PathLike) -> FeatureSet:
-    """Read a features file (see `FeatureSet.load`)."""
-    return FeatureSet.load(path)
-
-
 # ------------------------------------------------------------------------------------------- embed
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image files under ``folder`` (``.jpg .jpeg .png .bmp .webp``), sorted.
@@ -303,6 +293,4 @@ __all__ = [
     "embed_images",
     "embed_split",
     "list_images",
-    "load_features",
-    "save_features",
 ]

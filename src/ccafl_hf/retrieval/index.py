@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..neighbors import as_float32_numpy, build_flat_index, exact_knn, faiss, to_faiss_device
+from ..utils.neighbors import as_float32_numpy, build_flat_index, exact_knn, faiss, to_faiss_device
 from .errors import RetrievalError
 from .features import FeatureSet
 

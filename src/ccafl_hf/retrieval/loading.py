@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ..data import build_eval_transform
-from ..model_files import is_path_like
 from ..modeling_ccafl import CCAFLModel
 from ..processing import CLIP_MEAN, CLIP_STD
+from ..utils.model_files import is_path_like
 from .errors import RetrievalError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def load_reid_model(
     """
     from transformers import AutoImageProcessor, AutoModel
 
-    from ..hub_utils import hub_local_files_only, hub_offline
+    from ..utils.hub_utils import hub_local_files_only, hub_offline
 
     name = os.fspath(name_or_path)
     local = Path(name)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import CLIPProcessor, PreTrainedTokenizerBase
+from transformers import CLIPProcessor, CLIPTextConfig, CLIPVisionConfig, PreTrainedTokenizerBase
 
-from ..configuration_ccafl import CCAFLConfig
+from ..configuration_ccafl import CCAFLConfig, CCAFLResNetVisionConfig
 from ..modeling_ccafl import CCAFLModel
 from ..processing import build_reid_processor
 from .tokenizer import build_tiny_tokenizer
@@ -56,11 +56,27 @@ def tiny_config(
         "patch_size": 8,
         "image_size": 32,
     } if backbone == "vit" else dict(TINY_RESNET_VISION)
-    text_config.update(overrides.pop("text_config", {}) or {})
-    vision_config.update(overrides.pop("vision_config", {}) or {})
+    text_overrides, vision_overrides = overrides.pop("text_config", {}) or {}, overrides.pop("vision_config", {}) or {}
+    _refuse_unknown(overrides, CCAFLConfig(), "")
+    _refuse_unknown(text_overrides, CLIPTextConfig(), "text_config.")
+    _refuse_unknown(vision_overrides, CLIPVisionConfig() if backbone == "vit" else CCAFLResNetVisionConfig(),
+                    "vision_config.")
+    text_config.update(text_overrides)
+    vision_config.update(vision_overrides)
     defaults = {"projection_dim": 32, "image_size": (64, 32)}
     defaults.update(overrides)
     return CCAFLConfig(text_config=text_config, vision_config=vision_config, **defaults)
+
+
+def _refuse_unknown(overrides: dict, config, prefix: str) -> None:
+    """A `ValueError` naming the first key of ``overrides`` that is not a field of ``config`` (a typo would
+    otherwise be stored in the config and change nothing)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the overrides'} must be a JSON object, got {overrides!r}")
+    known = set(config.to_dict()) | {f for f in vars(type(config)) if not f.startswith("_")}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config field {prefix}{unknown[0]} (not a field of {type(config).__name__})")
 
 
 def create_tiny_model(

@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPProcessor, get_cosine_schedule_with_warmup
 
-from ..cache import cache_dir, fingerprint, write_folder_atomically
 from ..data import ReIDCollator, build_eval_transform, load_reid_dataset
 from ..data.synthetic import CAPTION_WORDS, identity_caption
 from ..modeling_ccafl import CCAFLModel
+from ..utils.cache import cache_dir, fingerprint, write_folder_atomically
 from .config import create_tiny_model
 from .tokenizer import TINY_VOCAB_WORDS, build_tiny_tokenizer
 
@@ -283,7 +283,7 @@ def load_tiny_pretrained(config: TinyCLIPPretrainingConfig | None = None,
 
     The default recipe loads the weights shipped with the package (no build). Any other recipe, or an
     explicit ``root``, is loaded from ``root`` (default `default_pretrained_root`), or pre-trained and
-    saved there first (under a file lock and with `ccafl_hf.cache.write_folder_atomically`: concurrent
+    saved there first (under a file lock and with `ccafl_hf.utils.cache.write_folder_atomically`: concurrent
     processes build it once and never see it half written).
     """
     config = config or TinyCLIPPretrainingConfig()

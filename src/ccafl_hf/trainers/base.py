@@ -3,13 +3,15 @@
 One optimiser, one learning-rate schedule and one grad scaler run through the whole loop; the active
 objective ([`ICDLObjective`] / [`ICALObjective`]) switches at the epoch boundary. The trainer owns its
 setup: which parameters train, the DDP flags, the P×K sampler, the global-ID classifier's own Adam,
-the per-epoch preparation (memory rebuild / association), the memory update after each step, and the
-evaluation at the end of each stage (through `evaluate`, so the metrics reach ``report_to``).
+the per-epoch preparation (memory rebuild / association, handing the objective nothing but the state it
+prepared), the losses of each batch (`compute_loss` asks the epoch's objective, with the module as explicit
+state), the memory update after each step, the non-finite checks (a NaN loss, gradient norm or feature
+stops the run with a `NonFiniteError` naming the stage and step), and the evaluation at the end of each
+stage (through `evaluate`, so the metrics reach ``report_to``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -21,15 +23,17 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from ..association import association_diagnostics, identity_mean_features
 from ..data import RandomIdentitySampler
-from ..evaluation import METRIC_KEYS, evaluate_reid_model
+from ..errors import NonFiniteError
+from ..evaluation import evaluate_splits, extract_features
 from .arguments import CCAFLTrainingArguments
+from .configs import IMAGE_STAGES, CCAFLTrainerConfig, derive, extraction_options
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable
 
 logger = logging.getLogger(__name__)
 
-IMAGE_STAGES = ("icdl", "ical")
 CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
 
 
@@ -81,7 +85,7 @@ class _LoopCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = self.trainer.loop_epoch
-        if epoch == self.trainer.stage_last_epoch(self.trainer.objective.name):
+        if epoch == self.trainer.stage_last_epoch(self.trainer.current_stage):
             control.should_evaluate = True  # the Trainer evaluates, then saves the epoch's checkpoint
         return control
 
@@ -110,12 +114,14 @@ class CCAFLTrainer(Trainer):
     Args:
         model: the [`CCAFLForTraining`] module; its image tower is made trainable here
             (`set_image_stage_trainable`, honouring ``args.freeze_patch_embedding``).
-        args: the run's arguments; the trainer derives the loop's epochs, batch size and DDP flags.
+        args: the [`CCAFLTrainerConfig`] of the loop (a [`CCAFLTrainingArguments`] is turned into one with
+            its `loop_config`).
         train_dataset: the train split (rows with ``image_path``, ``camid``, ``intra_id``, ``cam_pid``).
         data_collator: train-time collator (augmentation) producing ``pixel_values``, ``intra_ids``, ``camids``.
         eval_collator: test-transform collator (feature extraction of the train split and evaluation).
-        stages: the stages of the loop, ``("icdl", "ical")``, ``("icdl",)`` or ``("ical",)``; ICAL-only
-            loops start at loop epoch ``icdl_epochs`` (windows and schedule count in the joint loop).
+        stages: the stages of the loop, ``("icdl", "ical")``, ``("icdl",)`` or ``("ical",)`` (default: the
+            config's); ICAL-only loops start at loop epoch ``icdl_epochs`` (windows and schedule count in the
+            joint loop).
         eval_dataset: optional ``{"query": ..., "gallery": ...}``; evaluated at the end of each stage.
         diagnostic_pids: ``[N]`` ground-truth person of each intra-camera identity, for the association
             diagnostics only (never seen by the losses).
@@ -124,40 +130,33 @@ class CCAFLTrainer(Trainer):
     def __init__(
         self,
         model: CCAFLForTraining,
-        args: CCAFLTrainingArguments,
+        args: CCAFLTrainerConfig,
         train_dataset,
         data_collator,
         eval_collator,
-        stages: tuple[str, ...] | list[str] = IMAGE_STAGES,
+        stages: tuple[str, ...] | list[str] | None = None,
         eval_dataset: dict | None = None,
         diagnostic_pids: np.ndarray | None = None,
         **kwargs,
     ):
-        stages = tuple(stages)
-        if not stages or stages != tuple(s for s in IMAGE_STAGES if s in stages):
-            raise ValueError(f"stages must be a contiguous, ordered part of {IMAGE_STAGES}, got {stages}")
-        self.stages = stages
+        if isinstance(args, CCAFLTrainingArguments):
+            args = args.loop_config(stages)
+        elif stages is not None and tuple(stages) != args.loop_stages:
+            args = derive(CCAFLTrainerConfig, args, stages=list(stages))
+        if not args.loop_stages:
+            raise ValueError(f"the loop needs at least one of {IMAGE_STAGES}, got stages {args.stages}")
+        self.stages = args.loop_stages
         self.objectives: dict[str, StageObjective] = {
-            "icdl": ICDLObjective(args), "ical": ICALObjective(args, diagnostic_pids=diagnostic_pids)
+            "icdl": ICDLObjective.from_config(args), "ical": ICALObjective.from_config(args)
         }
-        first = 0 if stages[0] == "icdl" else args.icdl_epochs
-        last = first + sum(args.icdl_epochs if s == "icdl" else args.ical_epochs for s in stages)
-        self.epoch_range = (first, last)
-        loop_args = dataclasses.replace(
-            args,
-            num_train_epochs=last - first,
-            max_steps=-1,
-            per_device_train_batch_size=args.pk_batch_size,
-            dataloader_drop_last=True,
-            remove_unused_columns=False,
-            ddp_find_unused_parameters=True,  # the visual projection idles while no image–text loss is active
-        )
+        self.diagnostic_pids = diagnostic_pids
+        self.epoch_range = args.loop_epochs
         self.trainable_parameters = set_image_stage_trainable(model.model, args.freeze_patch_embedding)
-        super().__init__(model=model, args=loop_args, train_dataset=train_dataset, data_collator=data_collator,
+        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          eval_dataset=eval_dataset, **kwargs)
         self.eval_collator = eval_collator
-        self.objective: StageObjective = self.objectives[stages[0]]
-        self.loop_epoch = first
+        self.objective: StageObjective = self.objectives[self.stages[0]]
+        self.loop_epoch = self.epoch_range[0]
         self.classifier_optimizer: torch.optim.Optimizer | None = None
         self.stage_results: dict[str, dict[str, float]] = {}
         self.association_log: list[dict] = []
@@ -173,9 +172,14 @@ class CCAFLTrainer(Trainer):
         """The [`CCAFLForTraining`] module (unwrapped from DDP)."""
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def current_stage(self) -> str:
+        """``"icdl"`` or ``"ical"``: the stage of the running epoch (also ``trainer.objective.name``)."""
+        return self.objective.name
+
     def progress_label(self) -> str:
         """``"ICAL epoch 7/15"``: the active stage and the 1-based loop epoch."""
-        return f"{self.objective.name.upper()} epoch {self.loop_epoch + 1}/{self.epoch_range[1]}"
+        return f"{self.current_stage.upper()} epoch {self.loop_epoch + 1}/{self.epoch_range[1]}"
 
     def stage_of_epoch(self, epoch: int) -> str:
         """``"icdl"`` or ``"ical"``: the stage loop epoch ``epoch`` belongs to."""
@@ -190,19 +194,59 @@ class CCAFLTrainer(Trainer):
 
     def begin_epoch(self, index: int, resumed_mid_epoch: bool) -> None:
         """Start the ``index``-th epoch of this trainer: pick the objective and, unless resuming inside
-        the epoch, prepare it (memory rebuild / association); log the association once."""
+        the epoch, prepare its state (`prepare_epoch`); log the association once."""
         self.loop_epoch = self.epoch_range[0] + index
         self.objective = self.objectives[self.stage_of_epoch(self.loop_epoch)]
         if resumed_mid_epoch:
             logger.info("resumed inside epoch %d (%s): keeping the checkpointed memories and pseudo-labels",
-                        self.loop_epoch, self.objective.name)
+                        self.loop_epoch, self.current_stage)
             return
-        self._sync_from_main_process(self.training_module.model.buffers())
-        record = self.objective.prepare_epoch(self, self.loop_epoch)
+        record = self.prepare_epoch(self.loop_epoch)
         if record is not None:
             self.association_log.append({"epoch": self.loop_epoch, **record})
             if self.accelerator.is_main_process:
                 self.log({f"assoc_{k}": v for k, v in record.items() if isinstance(v, int | float)})
+
+    @torch.no_grad()
+    def prepare_epoch(self, epoch: int) -> dict | None:
+        """What the epoch's losses read, from fresh features of the train split (test transform): ICDL rebuilds
+        the camera memories; ICAL associates identities across cameras (on the main process, then broadcast)
+        and installs the pseudo-labels and cluster centroids. Returns ICAL's association record."""
+        module = self.training_module
+        stage = self.stage_of_epoch(epoch)
+        self._sync_from_main_process(module.model.buffers())
+        args: CCAFLTrainerConfig = self.args
+        extracted = extract_features(
+            module.model, self.train_dataset, self.eval_collator, extraction_options(args), accelerator=self.accelerator,
+            desc=f"Epoch {epoch + 1}: {stage.upper()} {'memory' if stage == 'icdl' else 'association'} features",
+        )
+        if not bool(torch.isfinite(extracted.reid_features).all()):
+            raise NonFiniteError(f"the features of the train split hold NaN or infinite values at the start of "
+                                 f"{stage.upper()} loop epoch {epoch} (step {self.state.global_step}): the image "
+                                 "tower diverged; lower --learning_rate")
+        intra_ids = extracted.labels["intra_ids"]
+        if stage == "icdl":
+            generator = torch.Generator(device="cpu").manual_seed(args.seed * 1000 + epoch)
+            module.camera_memory.initialize(extracted.reid_features, intra_ids, generator=generator)
+            return None
+        from accelerate.utils import broadcast
+
+        objective: ICALObjective = self.objectives["ical"]
+        identity_features = identity_mean_features(extracted.reid_features, intra_ids, module.identity_camids.numel())
+        labels = torch.full_like(module.pseudo_labels, -1).to(identity_features.device)
+        pairs = None
+        main = self.accelerator.is_main_process
+        if main:
+            result, pairs = objective.associate(identity_features, module.identity_camids)
+            labels = torch.as_tensor(result, dtype=torch.long, device=identity_features.device)
+        labels = broadcast(labels, from_process=0)
+        module.set_pseudo_labels(labels, identity_features)
+        labels_np = labels.cpu().numpy()
+        record = {"num_clusters": int(labels_np.max() + 1) if labels_np.size else 0,
+                  "num_associated": int((labels_np >= 0).sum())}
+        if self.diagnostic_pids is not None and main:
+            record.update(association_diagnostics(labels_np, self.diagnostic_pids, pairs=pairs))
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
 
     @torch.no_grad()
     def _sync_from_main_process(self, tensors) -> None:
@@ -221,7 +265,7 @@ class CCAFLTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        args: CCAFLTrainingArguments = self.args
+        args: CCAFLTrainerConfig = self.args
         sampler = RandomIdentitySampler(
             dataset["intra_id"], num_instances=args.num_instances, batch_size=args.pk_batch_size, seed=args.seed
         )
@@ -234,7 +278,7 @@ class CCAFLTrainer(Trainer):
     def create_optimizer(self, model=None):
         """The image tower's optimiser (Adam or SGD with momentum; L2 weight decay; biases at
         ``bias_lr_factor`` × lr) and the global-ID classifier's own Adam (constant lr)."""
-        args: CCAFLTrainingArguments = self.args
+        args: CCAFLTrainerConfig = self.args
         module = self.training_module
         if self.optimizer is None:
             weights, biases = [], []
@@ -260,7 +304,7 @@ class CCAFLTrainer(Trainer):
     def loop_lr_factor(self, loop_epoch: float) -> float:
         """Reference stage-2/3 schedule at a (fractional) loop epoch: linear warm-up from
         ``warmup_factor`` over ``warmup_epochs``, then ×gamma at each decay epoch."""
-        args: CCAFLTrainingArguments = self.args
+        args: CCAFLTrainerConfig = self.args
         if loop_epoch < args.warmup_epochs:
             alpha = loop_epoch / max(args.warmup_epochs, 1e-12)
             return args.warmup_factor * (1 - alpha) + alpha
@@ -288,13 +332,20 @@ class CCAFLTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(pixel_values=inputs["pixel_values"], intra_ids=inputs["intra_ids"], camids=inputs["camids"],
-                        objective=self.objective, epoch=self.loop_epoch)
-        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+        """The epoch's objective on the model's outputs of the batch, with the module as explicit state.
+        With ``return_outputs``: ``(loss, {"losses": {name: loss}, "reid_features": [B, D] detached})``."""
+        outputs = model(pixel_values=inputs["pixel_values"])
+        losses = self.objective.losses(self.training_module, outputs, inputs["intra_ids"], inputs["camids"],
+                                       self.loop_epoch)
+        total = sum(losses.values()) if losses else outputs.reid_features.sum() * 0.0
+        if not return_outputs:
+            return total
+        return total, {"losses": losses, "reid_features": outputs.reid_features.detach()}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward + backward of the active objective, then — with the features and labels of every
-        process — the memory update and one step of the global-ID classifier's own Adam."""
+        """Forward + backward of the active objective, the non-finite check of the losses and the gradient
+        norm, then — with the features and labels of every process — the memory update and one step of the
+        global-ID classifier's own Adam."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
@@ -302,6 +353,8 @@ class CCAFLTrainer(Trainer):
         if self.args.n_gpu > 1:
             loss = loss.mean()
         self.accelerator.backward(loss / self.current_gradient_accumulation_steps)
+        losses = {name: value.detach() for name, value in outputs["losses"].items()}
+        self._check_finite(losses)
 
         # every rank updates with the features of all ranks: identical memories and classifiers
         features = self.accelerator.gather(outputs["reid_features"].contiguous())
@@ -310,12 +363,33 @@ class CCAFLTrainer(Trainer):
         self.objective.update_memories(module, features, intra_ids)
         classifier_loss = self.classifier_step(features, intra_ids)
 
-        for name, value in outputs.items():
-            if name not in ("loss", "reid_features"):
-                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value  # no host sync per step
+        for name, value in losses.items():
+            self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value  # no host sync per step
         self._loss_sums["classifier"] = self._loss_sums.get("classifier", 0.0) + classifier_loss
         self._loss_counts += 1
         return loss.detach() / self.current_gradient_accumulation_steps
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Stop with a `NonFiniteError` naming the stage, step and values when a loss or the gradient norm of
+        the image tower is NaN or infinite on any process (one small gather and one host read per step; the
+        gradients are not checked under an fp16 loss scaler, which skips such steps itself)."""
+        values = {name: value.float().reshape(()) for name, value in losses.items()}
+        if self.accelerator.scaler is None:
+            grads = [p.grad for p in self.training_module.model.parameters() if p.grad is not None]
+            if grads:
+                values["gradient norm"] = torch.nn.utils.get_total_norm(grads).float()
+        if not values:
+            return
+        stacked = torch.stack(list(values.values()))
+        bad = self.accelerator.gather((~torch.isfinite(stacked)).view(1, -1)).view(-1, stacked.numel())
+        if bool(bad.any()):
+            flagged = bad.any(dim=0).tolist()
+            shown = ", ".join(f"{name}={value:g}" for (name, value), hit in zip(
+                ((n, float(v)) for n, v in values.items()), flagged, strict=True) if hit)
+            raise NonFiniteError(
+                f"non-finite {shown} at step {self.state.global_step + 1} ({self.current_stage.upper()}, loop epoch "
+                f"{self.loop_epoch}): training stops here; lower --learning_rate (or set --max_grad_norm) and check "
+                "the temperatures and margins")
 
     def classifier_step(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
         """One step of the global-ID classifier's own Adam on detached features ``[B, D]`` (fp32, no
@@ -342,20 +416,16 @@ class CCAFLTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Market-1501-protocol metrics (mAP, rank-k, mINP) on ``{"query", "gallery"}``, logged (so they
         reach ``report_to``) and kept in ``stage_results`` under the active stage."""
-        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not datasets or len(datasets.get("query", ())) == 0 or len(datasets.get("gallery", ())) == 0:
-            logger.warning("no query/gallery split: skipping the evaluation after %s", self.objective.name)
-            return {}
-        args: CCAFLTrainingArguments = self.args
+        args: CCAFLTrainerConfig = self.args
         self._sync_from_main_process(self.training_module.model.buffers())
-        metrics = evaluate_reid_model(
-            self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
-            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-            mixed_precision=args.mixed_precision, flip=args.eval_flip, rerank=args.eval_rerank,
-            accelerator=self.accelerator, progress=not args.disable_tqdm,
+        summary = evaluate_splits(
+            self.training_module.model, eval_dataset if eval_dataset is not None else self.eval_dataset,
+            self.eval_collator, extraction_options(args, flip=args.eval_flip), rerank=args.eval_rerank,
+            accelerator=self.accelerator, stage=self.current_stage,
         )
-        summary = {k: float(metrics[k]) for k in METRIC_KEYS}
-        self.stage_results[self.objective.name] = summary
+        if not summary:
+            return {}
+        self.stage_results[self.current_stage] = summary
         logged = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in summary.items()}
         self.log(logged)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
@@ -379,4 +449,4 @@ class ICALTrainer(CCAFLTrainer):
         super().__init__(*args, **kwargs)
 
 
-__all__ = ["CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback"]
+__all__ = ["IMAGE_STAGES", "CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback"]

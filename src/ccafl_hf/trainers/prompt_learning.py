@@ -10,12 +10,14 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
+from ..errors import NonFiniteError
 from ..evaluation import extract_features
 from ..losses import prompt_contrastive_loss
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner
 from .arguments import CCAFLTrainingArguments
 from .base import LabelledProgressCallback
+from .configs import PromptLearningConfig, extraction_options
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,14 @@ class FeatureCache:
     camids: torch.Tensor
 
     @classmethod
-    def build(cls, model: CCAFLModel, train_dataset, eval_collator, args: CCAFLTrainingArguments, accelerator=None):
-        """Run the image tower once over ``train_dataset`` under mixed precision."""
-        extracted = extract_features(
-            model, train_dataset, eval_collator, batch_size=args.per_device_eval_batch_size,
-            num_workers=args.dataloader_num_workers, mixed_precision=args.mixed_precision, with_alignment=True,
-            accelerator=accelerator, desc="Stage 1: caching image features",
-        )
+    def build(cls, model: CCAFLModel, train_dataset, eval_collator, args: PromptLearningConfig, accelerator=None):
+        """Run the image tower once over ``train_dataset`` under the mixed precision of ``args`` (its eval batch
+        size and workers); a non-finite feature is a `NonFiniteError`."""
+        extracted = extract_features(model, train_dataset, eval_collator, extraction_options(args), with_alignment=True,
+                                     accelerator=accelerator, desc="Stage 1: caching image features")
+        if not bool(torch.isfinite(extracted.alignment_features).all()):
+            raise NonFiniteError("the image features cached for the prompt stage hold NaN or infinite values: the "
+                                 "start model's image tower gives non-finite features (check its weights)")
         return cls(extracted.alignment_features, extracted.labels["intra_ids"], extracted.labels["camids"])
 
     def __len__(self) -> int:
@@ -71,11 +74,14 @@ class PromptLearningTrainer(Trainer):
 
     Args:
         model: the [`IdentityPromptLearner`] (its CCAFL model must be frozen).
-        args: `CCAFLTrainingArguments.stage_arguments("prompt")`.
+        args: the [`PromptLearningConfig`] (a [`CCAFLTrainingArguments`] is turned into one with its
+            `prompt_config`).
         feature_cache: the cached alignment features and labels.
     """
 
-    def __init__(self, model: IdentityPromptLearner, args: CCAFLTrainingArguments, feature_cache: FeatureCache, **kwargs):
+    def __init__(self, model: IdentityPromptLearner, args: PromptLearningConfig, feature_cache: FeatureCache, **kwargs):
+        if isinstance(args, CCAFLTrainingArguments):
+            args = args.prompt_config()
         trainable = [n for n, p in model.model.named_parameters() if p.requires_grad]
         if trainable:
             raise ValueError(f"stage 1 trains only the prompts; freeze the CLIP model first (trainable: {trainable[:3]}...)")
@@ -100,7 +106,16 @@ class PromptLearningTrainer(Trainer):
         intra_ids, camids = cache.intra_ids[indices], cache.camids[indices]
         text_features = model(intra_ids)
         loss = prompt_contrastive_loss(cache.features[indices], text_features, intra_ids, camids)
+        self._check_finite(loss)
         return (loss, {"text_features": text_features}) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """A NaN or infinite loss on any process stops stage 1 with a `NonFiniteError` naming the step."""
+        bad = self.accelerator.gather((~torch.isfinite(loss.detach().float())).reshape(1))
+        if bool(bad.any()):
+            raise NonFiniteError(
+                f"non-finite loss at step {self.state.global_step + 1} (PROMPT, epoch {int(self.state.epoch or 0)}): "
+                "the prompts diverged; lower --prompt_learning_rate or --prompt_init_std")
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints hold the prompt adapter only (PEFT files), never a copy of CLIP."""

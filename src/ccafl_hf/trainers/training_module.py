@@ -2,10 +2,11 @@
 
 Camera memories, the global cluster memory, the global-ID classifier, the stage-1 text features
 and the pseudo-labels are registered modules/buffers, so `state_dict`, Trainer checkpoints and
-resume carry them. The losses of the active objective are computed inside `forward`, so DDP sees
-one forward per step. The memories and the classifier are kept out of DDP's synchronisation: the
-memories are made identical on every rank by updating them with gathered features, and the
-classifier is trained by its own optimiser on gathered (detached) features.
+resume carry them. `forward` runs the image tower (the one forward DDP sees per step); the trainer
+asks the active objective for the losses of those outputs, with this module as their state. The
+memories and the classifier are kept out of DDP's synchronisation: the memories are made identical
+on every rank by updating them with gathered features, and the classifier is trained by its own
+optimiser on gathered (detached) features.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import torch
 from torch import nn
 
 from ..classifier import IdentityClassifier
+from ..errors import NonFiniteError
 from ..memory import CameraMemory, ClusterMemory
-from ..modeling_ccafl import CCAFLModel
-from .arguments import CCAFLTrainingArguments
-from .objectives import StageObjective
+from ..modeling_ccafl import CCAFLModel, CCAFLOutput
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,11 @@ class CCAFLForTraining(nn.Module):
     Args:
         model: the `CCAFLModel` being trained (image tower + neck train; text tower frozen).
         identity_camids: ``[N]`` camera of every intra-camera identity.
-        text_features: ``[N, P]`` stage-1 text feature of every identity (None disables image–text losses).
-        args: hyper-parameters (memory sizes, temperatures, classifier scale).
+        text_features: ``[N, P]`` stage-1 text feature of every identity (None disables image–text losses;
+            a non-finite value is a `NonFiniteError`).
+        memory_instances: I, instance slots per identity in the camera memories.
+        memory_momentum, memory_temperature: m and τ of the camera and global memories.
+        classifier_scale: scale of the global-ID cosine classifier.
     """
 
     def __init__(
@@ -62,9 +65,17 @@ class CCAFLForTraining(nn.Module):
         model: CCAFLModel,
         identity_camids: torch.Tensor,
         text_features: torch.Tensor | None,
-        args: CCAFLTrainingArguments,
+        *,
+        memory_instances: int = 32,
+        memory_momentum: float = 0.1,
+        memory_temperature: float = 0.05,
+        classifier_scale: float = 16.0,
     ):
         super().__init__()
+        if text_features is not None and not bool(torch.isfinite(text_features).all()):
+            raise NonFiniteError("the stage-1 text features (prompt stage, after its last step) hold NaN or "
+                                 "infinite values: the prompts diverged; lower --prompt_learning_rate or "
+                                 "--prompt_init_std")
         self.model = model
         num_identities = int(identity_camids.numel())
         dim = model.reid_feature_dim
@@ -76,41 +87,21 @@ class CCAFLForTraining(nn.Module):
         self.register_buffer("pseudo_labels", torch.full((num_identities,), -1, dtype=torch.long))
         self.register_buffer("cluster_text_features", torch.zeros(0, model.projection_dim))
         self.camera_memory = CameraMemory(
-            num_identities, dim, self.identity_camids, num_instances=args.memory_instances,
-            momentum=args.memory_momentum, temperature=args.memory_temperature,
+            num_identities, dim, self.identity_camids, num_instances=memory_instances,
+            momentum=memory_momentum, temperature=memory_temperature,
         )
-        self.cluster_memory = ClusterMemory(dim, momentum=args.memory_momentum, temperature=args.memory_temperature)
-        self.classifier = IdentityClassifier(num_identities, dim, scale=args.classifier_scale)
+        self.cluster_memory = ClusterMemory(dim, momentum=memory_momentum, temperature=memory_temperature)
+        self.classifier = IdentityClassifier(num_identities, dim, scale=classifier_scale)
         # DDP neither broadcasts these buffers nor reduces the classifier's gradients (see the module docstring)
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in [*self.named_buffers(), *self.classifier.named_parameters(prefix="classifier")]
             if not name.startswith("model.")
         ]
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        intra_ids: torch.Tensor,
-        camids: torch.Tensor,
-        objective: StageObjective,
-        epoch: int,
-        **unused,
-    ) -> dict[str, torch.Tensor]:
-        """Losses of one batch under ``objective`` at loop epoch ``epoch``.
-
-        Args:
-            pixel_values: ``[B, 3, H, W]``; intra_ids: ``[B]`` intra-camera identity; camids: ``[B]``.
-        Returns:
-            dict with ``loss`` (the total to back-propagate), each component (detached), and
-            ``reid_features`` ``[B, D]`` (detached: the memory update and the classifier step use them).
-        """
-        out = self.model.get_reid_outputs(pixel_values)
-        losses = objective.losses(self, out, intra_ids, camids, epoch)
-        total = sum(losses.values()) if losses else out.reid_features.sum() * 0.0
-        result = {name: value.detach() for name, value in losses.items()}
-        result["loss"] = total
-        result["reid_features"] = out.reid_features.detach()
-        return result
+    def forward(self, pixel_values: torch.Tensor, **unused) -> CCAFLOutput:
+        """The image tower on a batch ``[B, 3, H, W]``: `CCAFLOutput` with ``reid_features [B, D]`` and
+        ``alignment_features [B, P]`` (the losses are the objective's, computed by the trainer)."""
+        return self.model.get_reid_outputs(pixel_values)
 
     @torch.no_grad()
     def set_pseudo_labels(self, pseudo_labels: torch.Tensor, identity_features: torch.Tensor) -> None:

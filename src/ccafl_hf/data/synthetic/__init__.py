@@ -26,8 +26,6 @@ from .looks import IdentityLook, identity_look
 from .render import CameraStyle, camera_styles, render_image
 from .scene import SyntheticSceneConfig, generate_synthetic_scene
 
-_identity_look = identity_look  # the name before `identity_look` was public; kept for existing importers
-
 __all__ = [
     "CAPTION_WORDS",
     "CONFIG_FILE",

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import CCAFLError
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -21,7 +23,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 T = TypeVar("T")
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(CCAFLError):
     """A saved model folder that cannot be loaded; the message names the file and what is wrong."""
 
 

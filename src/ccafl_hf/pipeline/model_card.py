@@ -1,4 +1,4 @@
-"""Render the Hub model card (`README.md` of an output folder) from the top-level `model_card.md` template."""
+"""Render the Hub model card (`README.md` of an output folder) from the packaged `templates/model_card.md`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .tiny.pretraining import TINY_PRETRAINED_NAME
+from ..tiny.pretraining import TINY_PRETRAINED_NAME
 
-TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+TEMPLATE_PATH = Path(__file__).parent.parent / "templates" / "model_card.md"
 
 #: Hub dataset ids used in the card metadata (data, not code branches).
 HUB_DATASETS = {
