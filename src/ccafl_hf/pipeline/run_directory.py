@@ -205,7 +205,7 @@ class RunDirectory:
         if not self.is_main_process:
             yield self
             return
-        created = not self.path.exists()
+        created, had_lock = not self.path.exists(), (self.path / LOCK_FILE).exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = FileLock(self.path / LOCK_FILE, timeout=0, thread_local=False)
@@ -227,7 +227,7 @@ class RunDirectory:
         finally:
             pid_file.unlink(missing_ok=True)
             lock.release()
-            if not self._started:
+            if not self._started and not had_lock:
                 (self.path / LOCK_FILE).unlink(missing_ok=True)
                 if created:
                     with suppress(OSError):
