@@ -3,7 +3,6 @@ bad inputs."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,34 +18,9 @@ from transformers import AutoModel
 from ccafl_hf import CCAFLModel
 from ccafl_hf.commands import load_preset, parse_train_args, train_main
 from synthetic_options import SMALL_SYNTHETIC
+from training_runs import SMALL_RUN, assert_same_run, killed_at, run_env, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_RUN = [
-    "--model_name_or_path", "tiny", "--dataset_options", json.dumps(SMALL_SYNTHETIC),
-    "--prompt_epochs", "3", "--icdl_epochs", "2", "--ical_epochs", "3", "--iters_per_epoch", "4",
-    "--ical_image_text_start_epoch", "2", "--adversarial_start_epoch", "3", "--adversarial_end_epoch", "4",
-    "--disable_tqdm", "true",
-    "--num_threads", "1",  # the bit-for-bit resume checks compare runs of several processes: one float-sum order
-]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One small end-to-end run (all stages) of the script's entry point."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCAFL_HF_CACHE")
-    os.environ["CCAFL_HF_CACHE"] = str(cache)
-    threads = torch.get_num_threads()
-    try:
-        assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
-        assert torch.get_num_threads() == threads  # --num_threads is for the run only
-    finally:
-        if old is None:
-            os.environ.pop("CCAFL_HF_CACHE")
-        else:
-            os.environ["CCAFL_HF_CACHE"] = old
-    return out, cache
 
 
 def test_eval_results_have_every_stage(trained):
@@ -137,94 +111,22 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
     assert result.stdout.startswith("CCAFLModel")
 
 
-def _script(out: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN, *extra]
-
-
-def _env(cache: Path) -> dict:
-    env = {**os.environ, "CCAFL_HF_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
-#: Runs train.py in a process that SIGKILLs itself at a point chosen by the test (argv[1]), by patching the
-#: package from outside: after a stage's results are sealed (``after-<stage>``), when the stage-2/3 loop
-#: begins the step after global step N (``step-N``; checkpoint N is sealed then), or while the final files
-#: are written (``artifacts``). The library has no kill hook of its own.
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    import ccafl_hf.model_card
-    import ccafl_hf.pipeline.run as run
-
-    point, argv = sys.argv[1], sys.argv[2:]
-
-    def kill(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    if point.startswith("after-"):
-        seal = run.TrainingRun._seal
-
-        def sealed(self, stage, *args, **kwargs):
-            seal(self, stage, *args, **kwargs)
-            if stage == point[len("after-"):]:
-                kill()
-
-        run.TrainingRun._seal = sealed
-    elif point.startswith("step-"):
-        class Kill(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step == int(point[len("step-"):]):
-                    kill()
-
-        init = run.CCAFLTrainer.__init__
-
-        def with_kill(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            self.add_callback(Kill())
-
-        run.CCAFLTrainer.__init__ = with_kill
-    elif point == "artifacts":
-        ccafl_hf.model_card.render_model_card = kill
-    from ccafl_hf.commands import train_main
-    sys.exit(train_main(argv))
-""")
-
-
-def _killed_at(point: str, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-c", KILLER, point, "--output_dir", str(out), *SMALL_RUN, *extra]
-    killed = subprocess.run(argv, env=_env(cache), capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
-    assert not (out / "eval_results.json").exists()
-    return killed
-
-
 def test_sigkill_at_the_icdl_ical_boundary_then_resume_matches_uninterrupted_run(trained, tmp_path):
     """Killed right after the checkpoint that ends ICDL (the stage-2/3 loop goes on into ICAL), the rerun
     resumes the loop at the boundary (memories, classifier and its own Adam, the one optimiser,
     scheduler, RNG) and ends bit-identical."""
     reference, cache = trained
     out = tmp_path / "killed"
-    _killed_at("step-8", out, cache)  # --icdl_epochs 2 x --iters_per_epoch 4
+    killed_at("step-8", out, cache)  # --icdl_epochs 2 x --iters_per_epoch 4
     loop = out / "checkpoints" / "icdl_ical"
     sealed = [int(p.name.split("-")[1]) for p in loop.glob("checkpoint-*") if (p / "manifest.json").is_file()]
     assert max(sealed) == 8, sealed  # killed between the boundary and the next checkpoint
     assert (out / "checkpoints" / "icdl" / "final" / "manifest.json").is_file()  # ICDL evaluated in the loop
-    result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
+    result = subprocess.run(run_script(out, cache, "--resume_from_checkpoint", "true"), env=run_env(cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming ICAL at epoch 2 (step 8) from checkpoints/icdl_ical/checkpoint-8" in result.stderr
-    _assert_same_run(out, reference)
-
-
-def _assert_same_run(out: Path, reference: Path) -> None:
-    expected = load_file(str(reference / "model.safetensors"))
-    resumed = load_file(str(out / "model.safetensors"))
-    for key, value in expected.items():
-        assert torch.equal(resumed[key], value), key
-    assert json.loads((out / "eval_results.json").read_text()) == json.loads(
-        (reference / "eval_results.json").read_text())
-    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]  # no leftovers
+    assert_same_run(out, reference)
 
 
 def test_sigkill_at_every_stage_boundary_then_resume_matches(trained, tmp_path):
@@ -235,16 +137,16 @@ def test_sigkill_at_every_stage_boundary_then_resume_matches(trained, tmp_path):
     reference, cache = trained
     out = tmp_path / "boundaries"
     for point in ("after-prompt", "after-icdl", "after-ical", "artifacts"):
-        _killed_at(point, out, cache)
+        killed_at(point, out, cache)
         if point == "after-icdl":
             (out / "checkpoints" / "untrained" / "final" / "manifest.json").write_bytes(b"")
             marker = out / "checkpoints" / "icdl" / "final" / "manifest.json"
             marker.write_text(marker.read_text()[:20])
     assert [p for p in out.glob(".tmp-*")]  # the killed artifact writing left its temporary folder
-    result = subprocess.run(_script(out, cache), env=_env(cache), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(run_script(out, cache), env=run_env(cache), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ICAL already finished with these settings" in result.stderr
-    _assert_same_run(out, reference)
+    assert_same_run(out, reference)
 
 
 @pytest.mark.parametrize(
@@ -327,7 +229,7 @@ def test_two_process_accelerate_launch(trained, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN]
-    env = {**_env(cache), "OMP_NUM_THREADS": "1"}
+    env = {**run_env(cache), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
