@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock, Timeout
 
 from .manifest import (
@@ -111,13 +113,11 @@ def model_identity(name_or_path: str, model) -> str:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
         digests = cached_digests([str(p) for p in files])
         return json_digest([[p.relative_to(folder).as_posix(), d] for p, d in zip(files, digests, strict=True)])[:24]
-    import hashlib
-
     digest = hashlib.blake2b(digest_size=32)
     for key, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
