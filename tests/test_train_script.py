@@ -3,6 +3,7 @@ bad inputs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,14 +291,19 @@ def test_card_base_model_only_for_hub_ids(tmp_path):
     assert hub_base_model(str(tmp_path)) is None
 
 
-def test_explicit_partial_checkpoint_is_refused(tmp_path, capsys):
+def test_explicit_partial_checkpoint_is_refused(trained, tmp_path, capsys, monkeypatch):
+    """A --resume_from_checkpoint PATH cut off while saving (no manifest) is refused before any work."""
+    reference, cache = trained
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
     out = tmp_path / "out"
-    partial = out / "checkpoints" / "icdl" / "checkpoint-3"
-    partial.mkdir(parents=True)
+    shutil.copytree(reference, out)
+    partial = sorted((out / "checkpoints" / "icdl_ical").glob("checkpoint-*"))[0]
+    (partial / "manifest.json").unlink()
+    before = _snapshot(out)
     code = train_main(["--output_dir", str(out), *SMALL_RUN, "--resume_from_checkpoint", str(partial)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "cannot be resumed exactly" in err[0], err
-    assert not (out / "model.safetensors").exists()
+    assert code == 2 and len(err) == 1 and "cannot be resumed exactly: no readable manifest.json" in err[0], err
+    assert _snapshot(out) == before
 
 
 def test_preset_naming_an_unknown_argument_is_one_clear_line(tmp_path, capsys, monkeypatch):

@@ -70,12 +70,12 @@ def checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _why_not(path: Path, fingerprint: str, previous: str | None, required: tuple[str, ...],
+def _why_not(path: Path, fingerprint: str, previous, required: tuple[str, ...],
              before_epoch: float | None) -> tuple[str, dict | None]:
     manifest, why = verify_manifest(path, require=required)
     if manifest is None:
         return why, None
-    if manifest.get("fingerprint") != fingerprint or manifest.get("previous") != previous:
+    if manifest.get("fingerprint") != fingerprint or previous is not ... and manifest.get("previous") != previous:
         return "saved by a run of other settings or from other results of the stage before", manifest
     epoch = float(manifest.get("epoch") or 0)
     if not epoch.is_integer():
@@ -83,6 +83,14 @@ def _why_not(path: Path, fingerprint: str, previous: str | None, required: tuple
     if before_epoch is not None and epoch >= before_epoch:
         return "past the evaluation whose results must be recomputed", manifest
     return "", manifest
+
+
+def check_resumable(path: str | Path, fingerprint: str, required: tuple[str, ...]) -> None:
+    """Refuse (one line) a ``--resume_from_checkpoint PATH`` that cannot be resumed exactly, before any work."""
+    why, _ = _why_not(Path(path), fingerprint, ..., required, None)
+    if why:
+        raise RunError(f"--resume_from_checkpoint {path} cannot be resumed exactly: {why}; pass "
+                       "--resume_from_checkpoint true for the last checkpoint that can")
 
 
 def resume_point(folder: str | Path, fingerprint: str, previous: str | None, required: tuple[str, ...],

@@ -36,7 +36,7 @@ from ..trainers import (
 )
 from ..trainers.base import CLASSIFIER_OPTIMIZER_NAME, IMAGE_STAGES
 from .artifacts import push_output_dir, save_artifacts
-from .checkpoints import CheckpointSealer, required_files, resume_point
+from .checkpoints import CheckpointSealer, check_resumable, required_files, resume_point
 from .constants import ADAPTER_DIR, EVAL_FILE, LOOP_CHECKPOINTS, SETTINGS_FILE, STATE_FILE, TEXT_FEATURES_FILE
 from .manifest import describe_write_failure, ensure_space, is_write_failure, write_json
 from .run_directory import RunDirectory, RunPlan, data_identity, digest, model_identity, run_settings
@@ -96,6 +96,8 @@ class TrainingRun:
                                 self.process.num_processes)
         self.folder.set_settings(settings)
         plan = self.folder.plan(overwrite=self.args.overwrite_output_dir)
+        if self.explicit is not None:
+            check_resumable(self.explicit[1], self.folder.fingerprint, self._required(self.explicit[0]))
         self.process.wait_for_everyone()
         return plan
 
@@ -149,8 +151,8 @@ class TrainingRun:
             learner = IdentityPromptLearner(self.model, tokenizer, self.info.num_train_identities,
                                             init_std=args.prompt_init_std).to(args.device)
             stage_args = args.stage_arguments("prompt")
-            resume, _ = resume_point(stage_args.output_dir, self.folder.fingerprint, None,
-                                     required_files(self.process.num_processes), explicit=self._explicit("prompt"))
+            resume, _ = resume_point(stage_args.output_dir, self.folder.fingerprint, None, self._required("prompt"),
+                                     explicit=self._explicit("prompt"))
             _log_resume("PROMPT", resume, self.folder.path)
             size = 3 * _nbytes(learner.parameters())
             self.writing = (Path(stage_args.output_dir), size)
@@ -186,12 +188,9 @@ class TrainingRun:
         if missing is None:  # every stage verified: the last one's state is the model
             state = self.folder.stage_dir(stages[-1]) / STATE_FILE
             module.load_state_dict(load_file(str(state), device=str(args.device)))
-            self.module = module
             return
-        loop_dir = args.stage_output_dir(LOOP_CHECKPOINTS)
-        prompt = digest(self.manifests["prompt"])
-        required = required_files(self.process.num_processes, (CLASSIFIER_OPTIMIZER_NAME,))
-        resume, manifest = resume_point(loop_dir, self.folder.fingerprint, prompt, required,
+        loop_dir, prompt = args.stage_output_dir(LOOP_CHECKPOINTS), digest(self.manifests["prompt"])
+        resume, manifest = resume_point(loop_dir, self.folder.fingerprint, prompt, self._required(LOOP_CHECKPOINTS),
                                         before_epoch=ends[missing], explicit=explicit)
         _log_resume(_loop_stage(manifest, ends, stages), resume, self.folder.path)
         size = 3 * _nbytes(module.parameters())
@@ -203,15 +202,14 @@ class TrainingRun:
         )
         trainer.add_callback(_StageEnd(self, trainer, stages))
         trainer.add_callback(CheckpointSealer(self.folder.fingerprint, prompt, size))
-        if "icdl" in stages and args.icdl_epochs == 0 and "icdl" not in self.manifests:  # no ICDL epoch: the model is stage 1's, so are its metrics
-            self._seal("icdl", dict(self.manifests["prompt"]["metrics"]), digest(self.manifests["prompt"]))
+        if "icdl" in stages and args.icdl_epochs == 0 and "icdl" not in self.manifests:
+            self._seal("icdl", dict(self.manifests["prompt"]["metrics"]), prompt)  # no ICDL epoch: stage 1's model
         trainer.train(resume_from_checkpoint=resume)
         for stage in stages:  # a stage the loop did not evaluate: only possible without a query/gallery split
             if stage not in self.manifests:
                 if self.has_eval_split:
                     raise RunError(f"the stage-2/3 loop ended without evaluating {stage.upper()}")
                 self._seal_loop_stage(stage, {}, module if stage == stages[-1] else None)
-        self.module = module
 
     def _seal_loop_stage(self, stage: str, metrics: dict, module: CCAFLForTraining | None) -> None:
         """A loop stage's results: the module state too when it is the loop's last stage."""
@@ -262,6 +260,10 @@ class TrainingRun:
         if self.manifests[stage] is None:
             raise RunError(f"the results of {stage.upper()} in {self.folder.stage_dir(stage)} do not verify right "
                            "after being written (is the disk failing?)")
+
+    def _required(self, group: str) -> tuple[str, ...]:
+        extra = (CLASSIFIER_OPTIMIZER_NAME,) if group == LOOP_CHECKPOINTS else ()
+        return required_files(self.process.num_processes, extra)
 
     def _explicit(self, group: str) -> str | None:
         return self.explicit[1] if self.explicit is not None and self.explicit[0] == group else None

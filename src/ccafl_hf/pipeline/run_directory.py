@@ -94,15 +94,20 @@ def data_identity(dataset) -> str:
     for name, split in splits.items():
         columns = {c: split[c][:] for c in split.column_names if c != "image_path"}
         for c, values in columns.items():
-            if values and isinstance(values[0], dict) and "bytes" in values[0]:  # 🤗 datasets image values
-                columns[c] = [file_digest(v["path"]) if v.get("bytes") is None else json_digest(v["bytes"].hex())
-                              for v in values]
+            if values and (isinstance(values[0], dict) and "bytes" in values[0] or hasattr(values[0], "tobytes")):
+                columns[c] = [_image_digest(v) for v in values]  # 🤗 datasets image values, decoded or not
         files = ([[os.path.relpath(os.path.abspath(p), root), digests[p]] for p in split["image_path"][:]]
                  if "image_path" in split.column_names else [[]] * split.num_rows)
         labels = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
         rows = [[*f, _jsonable(label)] for f, label in zip(files, labels or [{}] * len(files), strict=True)]
         rows_of[name] = sorted(json.dumps(row, sort_keys=True) for row in rows)
     return json_digest(rows_of)[:24]
+
+
+def _image_digest(value) -> str:
+    if isinstance(value, dict):
+        return file_digest(value["path"]) if value.get("bytes") is None else hashlib.blake2b(value["bytes"]).hexdigest()
+    return hashlib.blake2b(value.tobytes()).hexdigest()  # a decoded PIL image: its pixels
 
 
 def model_identity(name_or_path: str, model) -> str:
