@@ -91,8 +91,10 @@ class TrainingRun:
         model: built and hashed), fingerprint the run and decide what it does with the folder."""
         self.dataset, self.info = _load_dataset(self.data_args)
         self.model, self.processor = build_model(self.model_args, seed=self.args.seed)
-        settings = run_settings(self.model_args, self.data_args, self.args, data_identity(self.dataset),
-                                model_identity(self.model_args.model_name_or_path, self.model),
+        with self.process.main_process_first():  # the main process hashes; the others read its hash cache
+            data_files = data_identity(self.dataset)
+            model_files = model_identity(self.model_args.model_name_or_path, self.model)
+        settings = run_settings(self.model_args, self.data_args, self.args, data_files, model_files,
                                 self.process.num_processes)
         self.folder.set_settings(settings)
         plan = self.folder.plan(overwrite=self.args.overwrite_output_dir)
