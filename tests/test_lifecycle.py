@@ -176,9 +176,9 @@ def test_overwrite_meeting_a_corrupt_image_keeps_the_old_run_byte_identical(trai
     shutil.copytree(reference, out)
     before = _bytes(out)
     assert train_main(["--output_dir", str(out), *SMALL_RUN, "--overwrite_output_dir", "true"]) == 2
+    assert _bytes(out) == before
     line = _one_error_line(capsys)
     assert str(image) in line and "not a decodable image" in line
-    assert _bytes(out) == before
 
 
 # ------------------------------------------------------------------------------ 7. full disk, one line
