@@ -228,6 +228,15 @@ def test_a_folder_of_other_files_is_never_replaced(tmp_path):
         RunDirectory("", _settings(tmp_path))
 
 
+def test_a_run_of_an_earlier_version_is_replaced_only_on_request(tmp_path):
+    out = tmp_path / "old"
+    (out / "checkpoints" / "prompt" / "checkpoint-3").mkdir(parents=True)
+    write_json(out / RUN_FILE, {"fingerprint": "0", "finished": True, "settings": {"seed": 42}})
+    with pytest.raises(RunDirectoryError, match="earlier ccafl-hf version.*--overwrite_output_dir"):
+        RunDirectory(out, _settings(tmp_path)).plan()
+    assert RunDirectory(out, _settings(tmp_path)).plan(overwrite=True).action == "replace"
+
+
 def test_replace_moves_aside_then_deletes_and_restores_on_failure(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _finished_run(out, _settings(tmp_path))

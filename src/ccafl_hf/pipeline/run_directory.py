@@ -277,7 +277,14 @@ class RunDirectory:
         if not entries:
             action = "fresh"
         elif previous is None:
-            if self.fingerprint in self._stage_fingerprints():
+            legacy = read_json(self.run_file)
+            if isinstance(legacy, dict) and {"fingerprint", "settings"} <= set(legacy):  # an earlier version's run
+                if not overwrite:
+                    raise RunDirectoryError(
+                        f"--output_dir {self.path} holds a run of an earlier ccafl-hf version, whose files carry no "
+                        "content hashes; pass --overwrite_output_dir to replace it or choose another --output_dir")
+                action = "replace"
+            elif self.fingerprint in self._stage_fingerprints():
                 logger.warning("%s is unreadable; its stage results carry this run's settings: resuming", self.run_file)
                 action = "resume"
             else:
