@@ -38,3 +38,23 @@ def small_synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "small"
     dataset = load_reid_dataset("synthetic", root, **SMALL_SYNTHETIC)
     return dataset, dataset_summary(dataset)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One small end-to-end run (all stages, `training_runs.SMALL_RUN`) of the train script's entry point:
+    ``(output folder, package cache)``."""
+    from ccafl_hf.commands import train_main
+    from training_runs import SMALL_RUN
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCAFL_HF_CACHE")
+    os.environ["CCAFL_HF_CACHE"] = str(cache)
+    threads = torch.get_num_threads()
+    try:
+        assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
+        assert torch.get_num_threads() == threads  # --num_threads is for the run only
+    finally:
+        os.environ["CCAFL_HF_CACHE"] = old if old is not None else _CACHE
+    return out, cache

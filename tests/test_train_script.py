@@ -3,7 +3,7 @@ bad inputs."""
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,34 +19,9 @@ from transformers import AutoModel
 from ccafl_hf import CCAFLModel
 from ccafl_hf.commands import load_preset, parse_train_args, train_main
 from synthetic_options import SMALL_SYNTHETIC
+from training_runs import SMALL_RUN, assert_same_run, killed_at, run_env, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_RUN = [
-    "--model_name_or_path", "tiny", "--dataset_options", json.dumps(SMALL_SYNTHETIC),
-    "--prompt_epochs", "3", "--icdl_epochs", "2", "--ical_epochs", "3", "--iters_per_epoch", "4",
-    "--ical_image_text_start_epoch", "2", "--adversarial_start_epoch", "3", "--adversarial_end_epoch", "4",
-    "--disable_tqdm", "true",
-    "--num_threads", "1",  # the bit-for-bit resume checks compare runs of several processes: one float-sum order
-]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One small end-to-end run (all stages) of the script's entry point."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCAFL_HF_CACHE")
-    os.environ["CCAFL_HF_CACHE"] = str(cache)
-    threads = torch.get_num_threads()
-    try:
-        assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 0
-        assert torch.get_num_threads() == threads  # --num_threads is for the run only
-    finally:
-        if old is None:
-            os.environ.pop("CCAFL_HF_CACHE")
-        else:
-            os.environ["CCAFL_HF_CACHE"] = old
-    return out, cache
 
 
 def test_eval_results_have_every_stage(trained):
@@ -140,72 +115,42 @@ def test_push_to_hub_sends_a_loadable_folder(trained, tmp_path, monkeypatch):
     assert result.stdout.startswith("CCAFLModel")
 
 
-def _script(out: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN, *extra]
-
-
-def _env(cache: Path) -> dict:
-    env = {**os.environ, "CCAFL_HF_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
 def test_sigkill_at_the_icdl_ical_boundary_then_resume_matches_uninterrupted_run(trained, tmp_path):
     """Killed right after the checkpoint that ends ICDL (the stage-2/3 loop goes on into ICAL), the rerun
     resumes the loop at the boundary (memories, classifier and its own Adam, the one optimiser,
     scheduler, RNG) and ends bit-identical."""
     reference, cache = trained
     out = tmp_path / "killed"
+    killed_at("step-8", out, cache)  # --icdl_epochs 2 x --iters_per_epoch 4
     loop = out / "checkpoints" / "icdl_ical"
-    boundary = loop / "checkpoint-8"  # --icdl_epochs 2 × --iters_per_epoch 4
-    process = subprocess.Popen(_script(out, cache), env=_env(cache), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (boundary / "trainer_state.json").is_file():
-        if process.poll() is not None:
-            pytest.fail("the run ended before it could be killed")
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "eval_results.json").exists(), "the run finished before the kill"
-    complete = [int(p.name.split("-")[1]) for p in loop.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    assert max(complete) == 8, complete  # killed between the boundary and the next checkpoint
-    assert (out / "checkpoints" / "icdl" / "final" / "eval_results.json").is_file()  # ICDL evaluated in the loop
-    result = subprocess.run(_script(out, cache, "--resume_from_checkpoint", "true"), env=_env(cache),
+    sealed = [int(p.name.split("-")[1]) for p in loop.glob("checkpoint-*") if (p / "manifest.json").is_file()]
+    assert max(sealed) == 8, sealed  # killed between the boundary and the next checkpoint
+    assert (out / "checkpoints" / "icdl" / "final" / "manifest.json").is_file()  # ICDL evaluated in the loop
+    result = subprocess.run(run_script(out, cache, "--resume_from_checkpoint", "true"), env=run_env(cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming ICAL at epoch 2 (step 8) from checkpoints/icdl_ical/checkpoint-8" in result.stderr
-    _assert_same_run(out, reference)
-
-
-def _assert_same_run(out: Path, reference: Path) -> None:
-    expected = load_file(str(reference / "model.safetensors"))
-    resumed = load_file(str(out / "model.safetensors"))
-    for key, value in expected.items():
-        assert torch.equal(resumed[key], value), key
-    assert json.loads((out / "eval_results.json").read_text()) == json.loads(
-        (reference / "eval_results.json").read_text())
+    assert_same_run(out, reference)
 
 
 def test_sigkill_at_every_stage_boundary_then_resume_matches(trained, tmp_path):
-    """Killed exactly between stages (after stage 1 before the first ICDL checkpoint, after ICDL before the
-    first ICAL checkpoint, after ICAL before the artifacts) and resumed each time, the run ends bit-identical
-    to the uninterrupted one; a 0-byte or cut-off results marker on the way is treated as absent."""
+    """Killed right after each stage's results are sealed (stage 1, ICDL, ICAL) and while the final files
+    are written, and resumed each time, the run ends bit-identical to the uninterrupted one. A cut-off
+    results manifest on the way (a full disk) is recomputed from verified state, never replaced by another
+    stage's numbers; the temporary files of the killed artifact writing are removed."""
     reference, cache = trained
     out = tmp_path / "boundaries"
-    for point in ("after-prompt", "after-icdl", "before-artifacts"):
-        killed = subprocess.run(_script(out, cache), env={**_env(cache), "CCAFL_HF_KILL_AT": point},
-                                capture_output=True, text=True, timeout=300)
-        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
-        assert not (out / "eval_results.json").exists()
-        if point == "after-icdl":  # a full disk while writing the markers: 0 bytes / cut off
-            (out / "checkpoints" / "untrained_eval.json").write_bytes(b"")
-            marker = out / "checkpoints" / "icdl" / "final" / "eval_results.json"
+    for point in ("after-prompt", "after-icdl", "after-ical", "artifacts"):
+        killed_at(point, out, cache)
+        if point == "after-icdl":
+            (out / "checkpoints" / "untrained" / "final" / "manifest.json").write_bytes(b"")
+            marker = out / "checkpoints" / "icdl" / "final" / "manifest.json"
             marker.write_text(marker.read_text()[:20])
-    result = subprocess.run(_script(out, cache), env=_env(cache), capture_output=True, text=True, timeout=300)
+    assert [p for p in out.glob(".tmp-*")]  # the killed artifact writing left its temporary folder
+    result = subprocess.run(run_script(out, cache), env=run_env(cache), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ICAL already finished with these settings" in result.stderr
-    _assert_same_run(out, reference)
+    assert_same_run(out, reference)
 
 
 @pytest.mark.parametrize(
@@ -288,7 +233,7 @@ def test_two_process_accelerate_launch(trained, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                str(ROOT / "scripts" / "train.py"), "--output_dir", str(out), *SMALL_RUN]
-    env = {**_env(cache), "OMP_NUM_THREADS": "1"}
+    env = {**run_env(cache), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
@@ -349,33 +294,19 @@ def test_card_base_model_only_for_hub_ids(tmp_path):
     assert hub_base_model(str(tmp_path)) is None
 
 
-def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
-    """SIGKILL during a save leaves a checkpoint folder without trainer_state.json (written last): resume
-    takes the newest complete one and deletes the partial one so that step is saved again."""
-    from ccafl_hf.pipeline import last_complete_checkpoint
-
-    stage = tmp_path / "ical"
-    for step in (2, 4, 10):
-        (stage / f"checkpoint-{step}").mkdir(parents=True)
-        (stage / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
-    (stage / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (stage / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    (stage / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # cut off mid-write
-    assert last_complete_checkpoint(stage) == str(stage / "checkpoint-4")  # numeric order: 10 > 4
-    assert (stage / "checkpoint-10").exists()
-    assert last_complete_checkpoint(stage, discard_incomplete=True) == str(stage / "checkpoint-4")
-    assert not (stage / "checkpoint-10").exists()
-    assert last_complete_checkpoint(tmp_path / "missing") is None
-
-
-def test_explicit_partial_checkpoint_is_refused(tmp_path, capsys):
+def test_explicit_partial_checkpoint_is_refused(trained, tmp_path, capsys, monkeypatch):
+    """A --resume_from_checkpoint PATH cut off while saving (no manifest) is refused before any work."""
+    reference, cache = trained
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
     out = tmp_path / "out"
-    partial = out / "checkpoints" / "icdl" / "checkpoint-3"
-    partial.mkdir(parents=True)
+    shutil.copytree(reference, out)
+    partial = sorted((out / "checkpoints" / "icdl_ical").glob("checkpoint-*"))[0]
+    (partial / "manifest.json").unlink()
+    before = _snapshot(out)
     code = train_main(["--output_dir", str(out), *SMALL_RUN, "--resume_from_checkpoint", str(partial)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "written only in part" in err[0], err
-    assert not (out / "model.safetensors").exists()
+    assert code == 2 and len(err) == 1 and "cannot be resumed exactly: no readable manifest.json" in err[0], err
+    assert _snapshot(out) == before
 
 
 def test_preset_naming_an_unknown_argument_is_one_clear_line(tmp_path, capsys, monkeypatch):
@@ -421,13 +352,15 @@ def test_finished_run_rerun_trains_nothing_and_says_so(trained, capsys):
     assert _snapshot(reference) == before
 
 
-#: Another run holding an output folder, as `RunDirectory.lock` does (flock + PID), without the package's imports.
+#: Another run holding an output folder, as `RunDirectory.lock` does (filelock + PID file), without the package.
 LOCK_HOLDER = textwrap.dedent("""
-    import fcntl, os, sys, time
+    import os, sys, time
+    from filelock import FileLock
     os.makedirs(sys.argv[1], exist_ok=True)
-    fd = os.open(os.path.join(sys.argv[1], ".ccafl_run.lock"), os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.write(fd, f"{os.getpid()}\\n".encode())
+    lock = FileLock(os.path.join(sys.argv[1], ".ccafl_run.lock"), timeout=0, thread_local=False)
+    lock.acquire()
+    with open(os.path.join(sys.argv[1], ".ccafl_run.pid"), "w") as pid:
+        pid.write(f"{os.getpid()}\\n")
     print("locked", flush=True)
     time.sleep(120)
 """)
@@ -449,7 +382,7 @@ def test_second_concurrent_run_is_refused(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"in use by another training run (PID {holder.pid})" in err[0], err
     assert elapsed < 10  # before loading data or model
-    assert [p.name for p in out.iterdir()] == [".ccafl_run.lock"]  # the holder's lock only
+    assert sorted(p.name for p in out.iterdir()) == [".ccafl_run.lock", ".ccafl_run.pid"]  # the holder's only
 
 
 def test_overwrite_with_bad_data_keeps_the_previous_run(trained, tmp_path, capsys):
@@ -609,8 +542,9 @@ def test_full_disk_is_one_line_naming_the_folder(trained, tmp_path, capsys, monk
     out = tmp_path / "full"
     code = train_main(["--output_dir", str(out), *SMALL_RUN])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot write into"), err
-    assert str(out) in err[0] and "disk is full" in err[0]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: cannot write {out}"), err
+    assert "no space left on the device (about" in err[0] and "bytes) needed" in err[0]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
 
 
 def test_help_and_print_settings_show_only_what_a_run_uses(tmp_path, capsys):

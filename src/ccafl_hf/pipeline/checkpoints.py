@@ -1,81 +1,128 @@
-"""Trainer checkpoints of a run: complete or cut off, explicit or the last one, and where a run resumes."""
+"""Trainer checkpoints that prove they are complete, and the one rule for where a stage resumes.
+
+`CheckpointSealer` (a `TrainerCallback` the pipeline adds to each stage's trainer) checks the free space
+before each save and writes the checkpoint's manifest once the Trainer has saved it. `resume_point`
+picks the newest checkpoint that verifies, holds every file a resume needs, was saved at an epoch end
+(a resume inside an epoch is not exact) and lies before what must be recomputed; the ones it passes
+over are deleted (the run saves those steps again) and named in one log line.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
-from transformers.trainer import TRAINER_STATE_NAME
+from accelerate import PartialState
+from transformers import TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..trainers import (
-    CCAFLTrainingArguments,
-)
-from .constants import _CHECKPOINT, LOOP_CHECKPOINTS
+from .manifest import ensure_space, verify_manifest, write_manifest
 from .setup import RunError
 
 logger = logging.getLogger(__name__)
 
-
-def _resume_message(stage: str, checkpoint: str, out: Path) -> str:
-    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
-    return (f"resuming {stage.upper()} at epoch {state.get('epoch', 0):g} (step {state.get('global_step', 0)}) "
-            f"from {_relative(checkpoint, out)}")
+_CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
-def _relative(path: str | Path, out: Path) -> Path:
-    """``path`` relative to the output folder when inside it."""
-    where = Path(path).resolve()
-    return where.relative_to(out.resolve()) if where.is_relative_to(out.resolve()) else where
+def required_files(num_processes: int, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The files a resume reads besides the weights: trainer state, optimiser, scheduler, every process's
+    RNG state (a ``--save_only_model`` checkpoint has none of them: it is never resumed from)."""
+    rng = ["rng_state.pth"] if num_processes == 1 else [f"rng_state_{i}.pth" for i in range(num_processes)]
+    return (TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, *rng, *extra)
 
 
-def _checkpoint_is_complete(folder: Path) -> bool:
-    """The Trainer writes ``trainer_state.json`` last: a checkpoint without a readable one was cut off."""
-    try:
-        json.loads((folder / TRAINER_STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+class CheckpointSealer(TrainerCallback):
+    """Before a save: enough free space for it (else one line). After it: the checkpoint's manifest,
+    written last, carrying the run's fingerprint and the stage result the training started from."""
+
+    def __init__(self, fingerprint: str, previous: str | None, default_size: int):
+        self.fingerprint, self.previous, self.default_size = fingerprint, previous, default_size
+
+    def _check_space(self, args, control) -> None:
+        if control.should_save and args.should_save:
+            folder = Path(args.output_dir)
+            sizes = [sum(f.stat().st_size for f in c.iterdir() if f.is_file()) for c in checkpoints(folder)[:1]]
+            ensure_space(folder, sizes[0] if sizes else self.default_size, "a checkpoint")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check_space(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._check_space(args, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        process = PartialState()
+        process.wait_for_everyone()  # every process wrote its RNG state
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_manifest(folder, {"fingerprint": self.fingerprint, "previous": self.previous,
+                                    "step": state.global_step, "epoch": state.epoch})
+        process.wait_for_everyone()
 
 
-def last_complete_checkpoint(folder: str | Path, discard_incomplete: bool = False) -> str | None:
-    """The newest ``checkpoint-N`` in ``folder`` that was completely written, or None.
+def checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-N`` folders of ``folder``, newest (highest N) first."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name))] \
+        if folder.is_dir() else []
+    return [p for _, p in sorted(found, reverse=True)]
 
-    A run killed while saving leaves a partial folder; it is skipped (and deleted when
-    ``discard_incomplete``, so the resumed run can write that step again).
+
+def _why_not(path: Path, fingerprint: str, previous, required: tuple[str, ...],
+             before_epoch: float | None) -> tuple[str, dict | None]:
+    manifest, why = verify_manifest(path, require=required)
+    if manifest is None:
+        return why, None
+    if manifest.get("fingerprint") != fingerprint or previous is not ... and manifest.get("previous") != previous:
+        return "saved by a run of other settings or from other results of the stage before", manifest
+    epoch = float(manifest.get("epoch") or 0)
+    if not epoch.is_integer():
+        return f"saved inside epoch {int(epoch) + 1}, where a resume is not exact", manifest
+    if before_epoch is not None and epoch >= before_epoch:
+        return "past the evaluation whose results must be recomputed", manifest
+    return "", manifest
+
+
+def check_resumable(path: str | Path, fingerprint: str, required: tuple[str, ...]) -> None:
+    """Refuse (one line) a ``--resume_from_checkpoint PATH`` that cannot be resumed exactly, before any work."""
+    why, _ = _why_not(Path(path), fingerprint, ..., required, None)
+    if why:
+        raise RunError(f"--resume_from_checkpoint {path} cannot be resumed exactly: {why}; pass "
+                       "--resume_from_checkpoint true for the last checkpoint that can")
+
+
+def resume_point(folder: str | Path, fingerprint: str, previous: str | None, required: tuple[str, ...],
+                 before_epoch: float | None = None, explicit: str | None = None) -> tuple[str | None, dict | None]:
+    """``(checkpoint path, its manifest)`` where a stage resumes (``(None, None)``: from its start).
+
+    ``before_epoch``: only checkpoints saved before that epoch (of the stage's trainer) qualify.
+    ``explicit``: a ``--resume_from_checkpoint PATH``, refused in one line when it does not qualify;
+    newer checkpoints are discarded. Checkpoints passed over are deleted (main process), in one log line.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), path) for path in folder.iterdir()
-             if path.is_dir() and (m := _CHECKPOINT.fullmatch(path.name))]
-    for _, path in sorted(found, reverse=True):
-        if _checkpoint_is_complete(path):
-            return str(path)
-        logger.warning("skipping %s: written only in part (the run was stopped while saving it)", path)
-        if discard_incomplete:
-            shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None:
-    """``(stage, path)`` of an explicit ``--resume_from_checkpoint PATH`` inside this run's folder."""
-    value = args.resume_from_checkpoint
-    if not value or str(value).lower() == "true":
-        return None
-    path = Path(value).resolve()
-    if not path.is_dir():
-        raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    checkpoints = Path(args.output_dir).resolve() / "checkpoints"
-    if path.parent.parent != checkpoints or path.parent.name not in [*args.stages, LOOP_CHECKPOINTS]:
-        raise RunError(
-            f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
-            f"{checkpoints}/<stage>/checkpoint-N (or pass --resume_from_checkpoint true for the last one)"
-        )
-    if not _checkpoint_is_complete(path):
-        raise RunError(f"--resume_from_checkpoint {value} was written only in part (no readable "
-                       f"{TRAINER_STATE_NAME}); pass --resume_from_checkpoint true for the last complete one")
-    return path.parent.name, str(path)
-
-
+    found = checkpoints(folder)
+    if explicit is not None:
+        why, manifest = _why_not(Path(explicit), fingerprint, previous, required, before_epoch)
+        if why:
+            raise RunError(f"--resume_from_checkpoint {explicit} cannot be resumed exactly: {why}; pass "
+                           "--resume_from_checkpoint true for the last checkpoint that can")
+        step = int(Path(explicit).name.rsplit("-", 1)[1])
+        found = [p for p in found if int(p.name.rsplit("-", 1)[1]) > step] + [Path(explicit)]
+    skipped, chosen = [], (None, None)
+    for path in found:
+        why, manifest = _why_not(path, fingerprint, previous, required, before_epoch)
+        if not why and (explicit is None or path.resolve() == Path(explicit).resolve()):
+            chosen = (str(path), manifest)
+            break
+        skipped.append((path, why or "newer than --resume_from_checkpoint"))
+    if skipped:
+        start = f"from {chosen[0] and Path(chosen[0]).name}" if chosen[0] else "from the stage's start"
+        logger.warning("%s: resuming %s; discarding %s", folder, start,
+                       "; ".join(f"{p.name} ({why})" for p, why in skipped))
+        if PartialState().is_main_process:
+            for path, _ in skipped:
+                shutil.rmtree(path, ignore_errors=True)
+    PartialState().wait_for_everyone()
+    return chosen

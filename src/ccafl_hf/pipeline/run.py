@@ -1,29 +1,31 @@
-"""The main job: the three CCAFL stages end to end, with evaluation, artifacts, resume and Hub push.
+"""The main job: `TrainingRun` owns one run from the plan to the finished folder (docs/training.md,
+"The run's lifecycle"). `scripts/train.py` only parses arguments and calls `run_training`.
 
-`scripts/train.py` only parses arguments (presets + flags) and calls `run_training`.
+    fresh ──plan──▶ running ──run_stage──▶ stage verified ──…──▶ finished
+                       ▲                         │
+                       └──── kill / failure: the next run resumes from the last verified point
+
+Every decision has one place: `plan` (validate every input, fingerprint, fresh / resume / finished /
+replace / refuse), `run_stage` (reuse a verified stage, or train it from its last verified checkpoint
+and seal its results), `finish` (artifacts, then the run's manifest, written last).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from safetensors.torch import load_file, save_file
-from transformers import CLIPProcessor, TrainerCallback, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import TrainerCallback, set_seed
 
-from ..data import (
-    ReIDCollator,
-    build_eval_transform,
-    build_train_transform,
-)
+from ..data import ReIDCollator, build_eval_transform, build_train_transform
 from ..evaluation import evaluate_splits
-from ..modeling_ccafl import CCAFLModel
-from ..prompts import IdentityPromptLearner, load_text_features, save_text_features
+from ..prompts import IdentityPromptLearner, save_text_features
 from ..trainers import (
     CCAFLForTraining,
     CCAFLTrainer,
@@ -31,261 +33,312 @@ from ..trainers import (
     FeatureCache,
     PromptLearningTrainer,
 )
-from ..trainers.base import IMAGE_STAGES
+from ..trainers.base import CLASSIFIER_OPTIMIZER_NAME, IMAGE_STAGES
 from ..trainers.configs import extraction_options
 from ..trainers.validation import check_against_data
 from .artifacts import push_output_dir, save_artifacts
-from .checkpoints import _explicit_checkpoint, _relative, _resume_message, last_complete_checkpoint
+from .checkpoints import CheckpointSealer, check_resumable, required_files, resume_point
 from .constants import ADAPTER_DIR, EVAL_FILE, LOOP_CHECKPOINTS, SETTINGS_FILE, STATE_FILE, TEXT_FEATURES_FILE
-from .run_directory import (
-    RunDirectory,
-    dataset_identity,
-    kill_point,
-    run_settings,
-    write_atomically,
-    write_json,
-)
-from .setup import DataArguments, ModelArguments, _load_dataset, build_model, resolved_settings
+from .manifest import describe_write_failure, ensure_space, is_write_failure, write_json
+from .run_directory import RunDirectory, RunPlan, data_identity, digest, model_identity, run_settings
+from .setup import DataArguments, ModelArguments, RunError, _load_dataset, build_model, resolved_settings
 
 logger = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------- training
-def run_training(
-    model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments
-) -> dict[str, Any]:
-    """Run the requested stages (resuming what a previous run of the same settings left) and write
-    the model, processor, prompt adapter, text features, ``eval_results.json`` and model card.
+def run_training(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
+    """Run the requested stages (continuing what a run of the same settings left in ``args.output_dir``)
+    and write the model, processor, prompt adapter, text features, ``eval_results.json`` and card.
 
-    Returns the content of ``eval_results.json``.
+    Returns the content of ``eval_results.json`` (with ``already_finished`` when nothing was trained).
+    Raises `RunError` (one line) for bad inputs, an unusable folder or a failed write (full disk).
     """
-    return _run_stages(model_args, data_args, args)
+    run = TrainingRun(model_args, data_args, args)
+    with run.folder.lock():  # a second run into the folder fails here, at once
+        try:
+            if run.plan().action == "finished":
+                return run.finished_results()
+            run.start()
+            for stage in run.stage_names():
+                run.run_stage(stage)
+            return run.finish()
+        except Exception as error:
+            if not is_write_failure(error):
+                raise
+            raise RunError(describe_write_failure(error, *run.writing)) from None
 
 
-def _run_stages(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    _ = args.device  # sets up the (distributed) state of this process
-    process = PartialState()
-    out = Path(args.output_dir)
-    run_dir = RunDirectory(out, is_main_process=process.is_main_process)
-    with run_dir.lock():  # a second run into the folder fails here, at once
-        explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
-        # data and model before the folder is touched: a run that fails on them leaves it as it found it
-        dataset, info = _load_dataset(data_args)
-        model, processor = build_model(model_args, seed=args.seed)
-        if any(s in IMAGE_STAGES for s in args.stages):  # sizes against the data and the free memory
-            check_against_data(args, info.num_train_identities, model.reid_feature_dim, args.device)
-        run_dir.set_settings(run_settings(model_args, data_args, args, dataset_identity(dataset)))
-        plan = run_dir.plan(overwrite=args.overwrite_output_dir)
-        process.wait_for_everyone()
-        if plan.action == "finished":
-            results = run_dir.result("final")
-            logger.info("every stage of this run already finished in %s with the same settings: nothing to train "
-                        "(results: %s)", out, out / EVAL_FILE)
-            if process.is_main_process and args.push_to_hub:
-                push_output_dir(args)
-            return {**results, "already_finished": True}
-        run_dir.start()
-        if process.is_main_process:
-            write_json(out / SETTINGS_FILE, resolved_settings(model_args, data_args, args))
-        process.wait_for_everyone()
-        return _train_stages(run_dir, plan.action == "resume", explicit, model, processor, dataset, info,
-                             model_args, data_args, args)
+class TrainingRun:
+    """One training run of the three stages in ``args.output_dir``.
 
+    Attributes:
+        folder: the `RunDirectory` (lock, plan, stage results, run manifest).
+        manifests: the verified manifest of each finished stage (``untrained``, ``prompt``, ``icdl``, ``ical``).
+        writing: ``(path, bytes)`` of the write in progress, for the one-line disk-full error.
+    """
 
-def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, str] | None, model: CCAFLModel,
-                  processor: CLIPProcessor, dataset, info, model_args: ModelArguments, data_args: DataArguments,
-                  args: CCAFLTrainingArguments) -> dict[str, Any]:
-    device = args.device
-    process = PartialState()
-    out = run_dir.path
-    model.to(device)
-    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
-    height, width = model.config.image_size
-    train_collator = ReIDCollator(build_train_transform(
-        height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
-    ))
-    eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments):
+        _ = args.device  # sets up the (distributed) state of this process
+        self.model_args, self.data_args, self.args = model_args, data_args, args
+        self.process = PartialState()
+        self.folder = RunDirectory(args.output_dir or "", is_main_process=self.process.is_main_process)
+        self.explicit = _explicit_checkpoint(args)  # a bad checkpoint path fails before any work
+        self.manifests: dict[str, dict] = {}
+        self.writing: tuple[Path, int] = (self.folder.path, 0)
 
-    def evaluate(stage: str) -> dict:
-        summary = evaluate_splits(model, dataset, eval_collator, extraction_options(args, flip=args.eval_flip),
-                                  rerank=args.eval_rerank, stage=stage)
+    # ------------------------------------------------------------------------------------- plan
+    def plan(self) -> RunPlan:
+        """Validate every input before the folder is touched (data: content hashes and image headers;
+        model: built and hashed), fingerprint the run and decide what it does with the folder."""
+        self.dataset, self.info = _load_dataset(self.data_args)
+        self.model, self.processor = build_model(self.model_args, seed=self.args.seed)
+        if any(s in IMAGE_STAGES for s in self.args.stages):  # sizes against the data and the free memory
+            check_against_data(self.args, self.info.num_train_identities, self.model.reid_feature_dim, self.args.device)
+        with self.process.main_process_first():  # the main process hashes; the others read its hash cache
+            data_files = data_identity(self.dataset)
+            model_files = model_identity(self.model_args.model_name_or_path, self.model)
+        settings = run_settings(self.model_args, self.data_args, self.args, data_files, model_files,
+                                self.process.num_processes)
+        self.folder.set_settings(settings)
+        plan = self.folder.plan(overwrite=self.args.overwrite_output_dir)
+        if self.explicit is not None:
+            check_resumable(self.explicit[1], self.folder.fingerprint, self._required(self.explicit[0]))
+        self.process.wait_for_everyone()
+        return plan
+
+    def finished_results(self) -> dict[str, Any]:
+        """A finished run's results (its manifest verified): nothing to train; the Hub push when asked."""
+        results = json.loads((self.folder.path / EVAL_FILE).read_text())
+        logger.info("every stage of this run already finished in %s with the same settings: nothing to train",
+                    self.folder.path)
+        if self.process.is_main_process and self.args.push_to_hub:
+            push_output_dir(self.args)
+        return {**results, "already_finished": True}
+
+    def start(self) -> None:
+        """Take the folder (an overwritten run is moved aside, then deleted) and prepare the model and data."""
+        self.folder.start()
+        if self.process.is_main_process:
+            write_json(self.folder.path / SETTINGS_FILE, resolved_settings(self.model_args, self.data_args, self.args))
+        self.process.wait_for_everyone()
+        self.model.to(self.args.device)
+        mean, std = self.processor.image_processor.image_mean, self.processor.image_processor.image_std
+        height, width = self.model.config.image_size
+        self.train_collator = ReIDCollator(build_train_transform(
+            height, width, mean, std, erasing_p=self.args.random_erasing_prob, color_jitter=self.args.color_jitter))
+        self.eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
+        self.has_eval_split = len(self.dataset["query"]) > 0 and len(self.dataset["gallery"]) > 0
+
+    def stage_names(self) -> list[str]:
+        """``untrained`` (the evaluation before training), then ``prompt`` and the stage-2/3 ``loop`` as asked."""
+        loop = [LOOP_CHECKPOINTS] if any(s in IMAGE_STAGES for s in self.args.stages) else []
+        return ["untrained", *[s for s in self.args.stages if s not in IMAGE_STAGES], *loop]
+
+    # ---------------------------------------------------------------------------------- stages
+    def run_stage(self, name: str) -> None:
+        """Reuse ``name``'s verified results, or compute them from the last verified point and seal them.
+        Every stage starts from the same random state, so a resumed run continues bit for bit."""
+        set_seed(self.args.seed)
+        {"untrained": self._untrained, "prompt": self._prompt, LOOP_CHECKPOINTS: self._loop}[name]()
+
+    def _untrained(self) -> None:
+        if self._verified("untrained", None) is None:
+            metrics = self._evaluate("untrained")
+            self._seal("untrained", metrics, previous=None)
+
+    def _prompt(self) -> None:
+        args, final = self.args, self.folder.stage_dir("prompt")
+        tokenizer = self.processor.tokenizer
+        if self._verified("prompt", None, recompute=self._explicit("prompt") is not None) is not None:
+            learner = IdentityPromptLearner.from_pretrained(final / ADAPTER_DIR, self.model, tokenizer)
+        else:
+            self.model.requires_grad_(False)
+            learner = IdentityPromptLearner(self.model, tokenizer, self.info.num_train_identities,
+                                            init_std=args.prompt_init_std).to(args.device)
+            stage_args = args.stage_arguments("prompt")
+            resume, _ = resume_point(stage_args.output_dir, self.folder.fingerprint, None, self._required("prompt"),
+                                     explicit=self._explicit("prompt"))
+            _log_resume("PROMPT", resume, self.folder.path)
+            size = 3 * _nbytes(learner.parameters())
+            self.writing = (Path(stage_args.output_dir), size)
+            cache = FeatureCache.build(self.model, self.dataset["train"], self.eval_collator, args)
+            trainer = PromptLearningTrainer(learner, stage_args, cache)
+            trainer.add_callback(CheckpointSealer(self.folder.fingerprint, None, size))
+            trainer.train(resume_from_checkpoint=resume)
+            if self.process.is_main_process:
+                shutil.rmtree(final, ignore_errors=True)
+                learner.save_pretrained(final / ADAPTER_DIR)
+                save_text_features(learner.all_text_features(), self._identity_camids(), final / TEXT_FEATURES_FILE)
+            # stage 1 trains only the prompts: the image tower, hence the retrieval metrics, are the untrained ones
+            self._seal("prompt", dict(self.manifests["untrained"]["metrics"]), previous=None)
+        self.text_features = learner.all_text_features().to(args.device)
+
+    def _loop(self) -> None:
+        """Stages 2–3 as one `CCAFLTrainer` loop (checkpoints in ``checkpoints/icdl_ical``)."""
+        args = self.args
+        stages = [s for s in args.stages if s in IMAGE_STAGES]
+        module = CCAFLForTraining(
+            self.model, self._identity_camids(), self.text_features, memory_instances=args.memory_instances,
+            memory_momentum=args.memory_momentum, memory_temperature=args.memory_temperature,
+            classifier_scale=args.classifier_scale,
+        ).to(args.device)
+        ends = {"icdl": args.icdl_epochs, "ical": args.icdl_epochs + args.ical_epochs}  # loop epoch ending each
+        explicit = self._explicit(LOOP_CHECKPOINTS)
+        explicit_epoch = float((_read(Path(explicit) / "trainer_state.json") or {}).get("epoch", 0)) if explicit else None
+        previous = digest(self.manifests["prompt"])
+        missing = None
+        for stage in stages:  # a stage ending after --resume_from_checkpoint PATH is recomputed from there
+            recompute = explicit_epoch is not None and ends[stage] > explicit_epoch
+            manifest = self._verified(stage, previous, recompute=recompute)
+            if manifest is None:
+                missing = stage
+                break
+            previous = digest(manifest)
+        if missing is None:  # every stage verified: the last one's state is the model
+            state = self.folder.stage_dir(stages[-1]) / STATE_FILE
+            module.load_state_dict(load_file(str(state), device=str(args.device)))
+            return
+        loop_dir, prompt = args.stage_output_dir(LOOP_CHECKPOINTS), digest(self.manifests["prompt"])
+        resume, manifest = resume_point(loop_dir, self.folder.fingerprint, prompt, self._required(LOOP_CHECKPOINTS),
+                                        before_epoch=ends[missing], explicit=explicit)
+        _log_resume(_loop_stage(manifest, ends, stages), resume, self.folder.path)
+        size = 3 * _nbytes(module.parameters())
+        self.writing = (Path(loop_dir), size)
+        trainer = CCAFLTrainer(
+            module, args.loop_config(stages, output_dir=loop_dir), self.dataset["train"],
+            self.train_collator, self.eval_collator, stages=stages, diagnostic_pids=self.info.identity_diagnostic_pids,
+            eval_dataset={"query": self.dataset["query"], "gallery": self.dataset["gallery"]},
+        )
+        trainer.add_callback(_StageEnd(self, trainer, stages))
+        trainer.add_callback(CheckpointSealer(self.folder.fingerprint, prompt, size))
+        if "icdl" in stages and args.icdl_epochs == 0 and "icdl" not in self.manifests:
+            self._seal("icdl", dict(self.manifests["prompt"]["metrics"]), prompt)  # no ICDL epoch: stage 1's model
+        trainer.train(resume_from_checkpoint=resume)
+        for stage in stages:  # a stage the loop did not evaluate: only possible without a query/gallery split
+            if stage not in self.manifests:
+                if self.has_eval_split:
+                    raise RunError(f"the stage-2/3 loop ended without evaluating {stage.upper()}")
+                self._seal_loop_stage(stage, {}, module if stage == stages[-1] else None)
+
+    def _seal_loop_stage(self, stage: str, metrics: dict, module: CCAFLForTraining | None) -> None:
+        """A loop stage's results: the module state too when it is the loop's last stage."""
+        folder = self.folder.stage_dir(stage)
+        if self.process.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            if module is not None:
+                tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(tensors, str(folder / STATE_FILE))
+        self._seal(stage, metrics, digest(self.manifests["prompt" if stage == "icdl" else "icdl"]))
+
+    # ---------------------------------------------------------------------------------- finish
+    def finish(self) -> dict[str, Any]:
+        """Write the model folder and card, then the run's manifest (last): the run is finished."""
+        names = ["untrained", *self.args.stages]
+        results = {**self.manifests[names[-1]]["metrics"],
+                   "stages": {s: self.manifests[s]["metrics"] for s in names}}
+        if self.process.is_main_process:
+            out = self.folder.path
+            size = 2 * _nbytes(self.model.state_dict().values()) + (1 << 20)
+            self.writing = (out, size)
+            ensure_space(out, size, "the final model")
+            files = save_artifacts(self.model, self.processor, self.args, self.model_args, self.data_args, self.info,
+                                   results, prompt_dir=self.folder.stage_dir("prompt"))
+            self.folder.finish([*files, SETTINGS_FILE])
+            if self.args.push_to_hub:
+                push_output_dir(self.args)
+        self.process.wait_for_everyone()
+        return results
+
+    # --------------------------------------------------------------------------------- helpers
+    def _verified(self, stage: str, previous: str | None, recompute: bool = False) -> dict | None:
+        """``stage``'s verified manifest (kept in ``manifests``), or None: recompute it (``recompute``: a
+        ``--resume_from_checkpoint PATH`` before the stage's end)."""
+        if recompute:
+            return None
+        manifest = self.folder.result(stage, previous)
+        if manifest is not None:
+            self.manifests[stage] = manifest
+            logger.info("%s already finished with these settings: reusing its verified results", stage.upper())
+        return manifest
+
+    def _seal(self, stage: str, metrics: dict, previous: str | None) -> None:
+        self.folder.save_result(stage, metrics, previous)
+        self.process.wait_for_everyone()
+        self.manifests[stage] = self.folder.result(stage, previous)
+        if self.manifests[stage] is None:
+            raise RunError(f"the results of {stage.upper()} in {self.folder.stage_dir(stage)} do not verify right "
+                           "after being written (is the disk failing?)")
+
+    def _required(self, group: str) -> tuple[str, ...]:
+        extra = (CLASSIFIER_OPTIMIZER_NAME,) if group == LOOP_CHECKPOINTS else ()
+        return required_files(self.process.num_processes, extra)
+
+    def _explicit(self, group: str) -> str | None:
+        return self.explicit[1] if self.explicit is not None and self.explicit[0] == group else None
+
+    def _identity_camids(self) -> torch.Tensor:
+        return torch.as_tensor(self.info.identity_camids, dtype=torch.long)
+
+    def _evaluate(self, stage: str) -> dict:
+        summary = evaluate_splits(self.model, self.dataset, self.eval_collator,
+                                  extraction_options(self.args, flip=self.args.eval_flip), rerank=self.args.eval_rerank,
+                                  stage=stage)
         if summary:
             logger.info("evaluation after %s: %s", stage, {k: round(v, 4) for k, v in summary.items()})
         return summary
 
-    stage_results: dict[str, dict] = {}
-    stored = run_dir.result("untrained") if resuming else None
-    if stored is not None:
-        stage_results["untrained"] = stored
-    else:
-        stage_results["untrained"] = evaluate("untrained")
-        run_dir.save_result("untrained", stage_results["untrained"])
 
-    identity_camids = torch.as_tensor(info.identity_camids, dtype=torch.long)
-    tokenizer = processor.tokenizer
-    text_features = None
+class _StageEnd(TrainerCallback):
+    """Seals a loop stage's results when the trainer evaluates at its end (before that epoch's checkpoint
+    is saved, so a run resumed from that checkpoint finds them); the last stage with the module state."""
 
-    for stage in [s for s in args.stages if s not in IMAGE_STAGES]:  # stage 1
-        # every stage starts from the same random state whether or not the previous ones ran in this process:
-        # a run resumed at a stage boundary continues bit for bit
-        set_seed(args.seed)
-        stage_args = args.stage_arguments(stage)
-        final_dir = Path(stage_args.output_dir) / "final"
-        stored = run_dir.result(stage) if resuming and (explicit is None or explicit[0] != stage) else None
-        done = stored is not None
-        resume = None
-        if done:
-            logger.info("%s already finished with these settings: reusing its results", stage.upper())
-        elif resuming:
-            resume = explicit[1] if explicit and explicit[0] == stage else last_complete_checkpoint(
-                stage_args.output_dir, discard_incomplete=process.is_main_process)
-            if resume is not None:
-                logger.info(_resume_message(stage, resume, out))
-            process.wait_for_everyone()
-        model.requires_grad_(False)
-        if done:
-            learner = IdentityPromptLearner.from_pretrained(final_dir / ADAPTER_DIR, model, tokenizer)
-        else:
-            learner = IdentityPromptLearner(
-                model, tokenizer, info.num_train_identities, init_std=args.prompt_init_std
-            ).to(device)
-            cache = FeatureCache.build(model, dataset["train"], eval_collator, args)
-            trainer = PromptLearningTrainer(learner, stage_args, cache)
-            trainer.train(resume_from_checkpoint=resume)
-        text_features = learner.all_text_features().to(device)
-        if process.is_main_process and not done:
-            learner.save_pretrained(final_dir / ADAPTER_DIR)  # trusted only once the marker below exists
-            features = text_features
-            write_atomically(final_dir / TEXT_FEATURES_FILE,
-                             lambda path, f=features: save_text_features(f, identity_camids, path))
-        if done:
-            stage_results[stage] = stored
-        else:
-            # stage 1 trains only the prompts (its trainer asserts the model is frozen): the image tower,
-            # hence the retrieval metrics, are those of the untrained model, so they are not recomputed
-            stage_results[stage] = dict(stage_results["untrained"])
-            run_dir.save_result(stage, stage_results[stage])  # written last: the stage's "finished" marker
-        process.wait_for_everyone()
-        kill_point(f"after-{stage}")
-
-    image_stages = [s for s in args.stages if s in IMAGE_STAGES]
-    if image_stages:
-        set_seed(args.seed)  # as above: the loop starts from the same random state, resumed or not
-        prompt_text = Path(args.stage_output_dir("prompt")) / "final" / TEXT_FEATURES_FILE
-        if text_features is None and prompt_text.is_file():
-            text_features, _ = load_text_features(prompt_text)
-        module = CCAFLForTraining(
-            model, identity_camids, text_features, memory_instances=args.memory_instances,
-            memory_momentum=args.memory_momentum, memory_temperature=args.memory_temperature,
-            classifier_scale=args.classifier_scale,
-        ).to(device)
-        stage_results.update(_run_image_stages(
-            run_dir, module, dataset, info, args, image_stages, resuming, explicit, train_collator, eval_collator,
-            previous=stage_results.get("prompt", stage_results["untrained"]),
-        ))
-
-    last = args.stages[-1] if args.stages else "untrained"
-    results = {**stage_results[last], "stages": stage_results}
-    if process.is_main_process:
-        save_artifacts(model, processor, args, model_args, data_args, info, results)
-        run_dir.finish()
-        if args.push_to_hub:
-            push_output_dir(args)
-    process.wait_for_everyone()
-    return results
-
-
-class _StageEndWriter(TrainerCallback):
-    """Stores a stage's results through the run folder (`RunDirectory.save_result`: fingerprinted, atomic;
-    after the last stage the module state first) when the stage-2/3 trainer evaluates at the end of the
-    stage — before that epoch's checkpoint is saved, so a run resumed from that checkpoint finds them."""
-
-    def __init__(self, trainer: CCAFLTrainer, run_dir: RunDirectory, last_stage: str):
-        self.trainer, self.run_dir, self.last_stage = trainer, run_dir, last_stage
+    def __init__(self, run: TrainingRun, trainer: CCAFLTrainer, stages: list[str]):
+        self.run, self.trainer, self.stages = run, trainer, stages
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        stage = self.trainer.objective.name
-        if stage in self.trainer.stage_results:
-            _store_stage_result(self.run_dir, stage, self.trainer.stage_results[stage],
-                                self.trainer.training_module if stage == self.last_stage else None)
-            kill_point(f"after-{stage}")
+        trainer = self.trainer
+        stage = getattr(trainer, "current_stage", None) or trainer.objective.name
+        if stage in trainer.stage_results and stage not in self.run.manifests:
+            module = trainer.training_module if stage == self.stages[-1] else None
+            self.run._seal_loop_stage(stage, trainer.stage_results[stage], module)
 
 
-def _store_stage_result(run_dir: RunDirectory, stage: str, metrics: dict, module: CCAFLForTraining | None) -> None:
-    """``checkpoints/<stage>/final``: the module state (when given) then the results marker, both atomic."""
-    if not run_dir.is_main_process:
-        return
-    if module is not None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        write_atomically(run_dir.marker_path(stage).parent / STATE_FILE, lambda path: save_file(tensors, str(path)))
-    run_dir.save_result(stage, metrics)  # written last: the stage's "finished" marker
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _run_image_stages(
-    run_dir: RunDirectory, module: CCAFLForTraining, dataset, info, args: CCAFLTrainingArguments, stages: list[str],
-    resuming: bool, explicit: tuple[str, str] | None, train_collator, eval_collator, previous: dict,
-) -> dict[str, dict]:
-    """Stages 2–3 as one `CCAFLTrainer` loop (checkpoints in ``checkpoints/icdl_ical``); returns the
-    metrics after each stage (a stage without epochs keeps the previous stage's metrics).
-
-    The loop is reused when its last stage's results carry this run's fingerprint (`RunDirectory.result`)
-    and no ``--resume_from_checkpoint PATH`` points into it; otherwise it continues from its last
-    complete checkpoint when the run directory's plan is a resume.
-    """
-    process = PartialState()
-    last_state = run_dir.marker_path(stages[-1]).parent / STATE_FILE
-    reuse = resuming and (explicit is None or explicit[0] != LOOP_CHECKPOINTS)
-    trainer = None
-    if reuse and run_dir.result(stages[-1]) is not None and last_state.is_file():
-        logger.info("%s already finished with these settings: reusing its results", stages[-1].upper())
-        module.load_state_dict(load_file(str(last_state), device=str(args.device)))
-    else:
-        loop_dir = args.stage_output_dir(LOOP_CHECKPOINTS)
-        resume = None
-        if resuming:
-            resume = explicit[1] if explicit and explicit[0] == LOOP_CHECKPOINTS else last_complete_checkpoint(
-                loop_dir, discard_incomplete=process.is_main_process)
-            if resume is not None:
-                logger.info(_loop_resume_message(resume, args, stages, run_dir.path))
-            process.wait_for_everyone()
-        trainer = CCAFLTrainer(
-            module, args.loop_config(stages, output_dir=loop_dir), dataset["train"],
-            train_collator, eval_collator, stages=stages, diagnostic_pids=info.identity_diagnostic_pids,
-            eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]},
-        )
-        trainer.add_callback(_StageEndWriter(trainer, run_dir, stages[-1]))
-        trainer.train(resume_from_checkpoint=resume)
-    results: dict[str, dict] = {}
-    prior = previous
-    for stage in stages:  # stages without epochs or without a query/gallery split were not evaluated in the loop
-        stored = run_dir.result(stage)
-        if trainer is not None and (stored is None or (stage == stages[-1] and not last_state.is_file())):
-            stored = trainer.stage_results.get(stage) or stored
-            if stored is None:
-                epochs = args.icdl_epochs if stage == "icdl" else args.ical_epochs
-                if epochs and len(dataset["query"]) and len(dataset["gallery"]):
-                    logger.warning("the stored results of %s are unreadable and the loop went past it: reporting "
-                                   "the previous stage's results for it", stage.upper())
-                stored = prior
-            _store_stage_result(run_dir, stage, stored, module if stage == stages[-1] else None)
-        elif stored is None:
-            logger.warning("the stored results of %s are unreadable: reporting the previous stage's", stage.upper())
-            stored = prior
-        results[stage] = prior = stored
-    process.wait_for_everyone()
-    for stage in stages:
-        kill_point(f"after-{stage}")
-    return results
+def _loop_stage(manifest: dict | None, ends: dict[str, int], stages: list[str]) -> str:
+    epoch = float((manifest or {}).get("epoch") or 0)
+    return next((s for s in stages if epoch < ends[s]), stages[-1]).upper()
 
 
-def _loop_resume_message(checkpoint: str, args: CCAFLTrainingArguments, stages: list[str], out: Path) -> str:
-    """``resuming ICAL at epoch 7 (step 1400) from checkpoints/icdl_ical/checkpoint-1400``: the stage and
-    the loop epoch (counted from the first ICDL epoch) where the stage-2/3 loop continues."""
-    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
-    epoch = (0 if stages[0] == "icdl" else args.icdl_epochs) + state.get("epoch", 0)
-    stage = "icdl" if epoch < args.icdl_epochs else "ical"
-    stage = stage if stage in stages else stages[-1]
-    return (f"resuming {stage.upper()} at epoch {epoch:g} (step {state.get('global_step', 0)}) from "
-            f"{_relative(checkpoint, out)}")
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
+
+def _log_resume(stage: str, checkpoint: str | None, out: Path) -> None:
+    if checkpoint is not None:
+        state = _read(Path(checkpoint) / "trainer_state.json") or {}
+        where = Path(checkpoint).resolve().relative_to(out.resolve())
+        logger.info("resuming %s at epoch %g (step %d) from %s", stage, state.get("epoch", 0),
+                    state.get("global_step", 0), where)
+
+
+def _explicit_checkpoint(args: CCAFLTrainingArguments) -> tuple[str, str] | None:
+    """``(stage folder, path)`` of an explicit ``--resume_from_checkpoint PATH`` inside this run's folder."""
+    value = args.resume_from_checkpoint
+    if not value or str(value).lower() == "true":
+        return None
+    path = Path(value).resolve()
+    if not path.is_dir():
+        raise RunError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    checkpoints = Path(args.output_dir).resolve() / "checkpoints"
+    if path.parent.parent != checkpoints or path.parent.name not in ("prompt", LOOP_CHECKPOINTS):
+        raise RunError(f"--resume_from_checkpoint {value} is not a checkpoint of this run; expected "
+                       f"{checkpoints}/<prompt|{LOOP_CHECKPOINTS}>/checkpoint-N (or --resume_from_checkpoint true)")
+    return path.parent.name, str(path)
 

@@ -1,147 +1,131 @@
-"""The one owner of a training run's output folder: what it holds, whether it may be reused, who writes it.
+"""The output folder of a training run: its identity (fingerprint), its lock, the plan, its stage results.
 
-A run folder holds the run's settings (``ccafl_run.json``), the per-stage checkpoints and results
-(``checkpoints/``) and, once finished, the model artifacts. `RunDirectory`:
-
-* fingerprints every resolved setting that can change the results (`run_settings`): the model (and,
-  for a local folder, its files and sizes), the data's identity (every image's relative path, size
-  and labels), and every training argument except the run-only ones in `RUN_ONLY_ARGUMENTS` (a field
-  added to the arguments later is fingerprinted by default);
-* decides before any work (`RunDirectory.plan`): a fresh run, a resume of the same settings, or a
-  refusal naming the settings that differ. A stage's stored results are reused only when they carry
-  the current fingerprint;
-* holds an exclusive lock on the folder for the whole run (`RunDirectory.lock`), named by the holder's
-  PID; the kernel drops it when the process dies, so a SIGKILLed run never leaves a lock that blocks;
-* writes every state file to a temporary name in the same folder and renames it (`write_atomically`);
-  readers (`read_json`) treat a missing, truncated or malformed file as absent, with a warning.
+* The **fingerprint** (`run_settings`) covers the content of the data (`data_identity`: the sorted
+  ``(relative path, content hash, labels)`` of every image), the content of the start model
+  (`model_identity`), the number of processes and **every** argument except the result-neutral
+  allow-list `RESULT_NEUTRAL_ARGUMENTS` (each entry proven neutral by a test: same result, bit for bit).
+* `RunDirectory.plan` decides before any work: ``fresh``, ``resume`` (same fingerprint), ``finished``
+  (the run's manifest verifies), ``replace`` (``--overwrite_output_dir`` on a folder holding this
+  package's run) — or refuses in one line: other settings (named), or a folder of files that are no run.
+* A stage's results exist only as a verified manifest (`ccafl_hf.pipeline.manifest`) carrying this
+  fingerprint and the hash of the stage result it was computed from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from ..errors import CCAFLError
+import torch
+from filelock import FileLock, Timeout
+
+from .manifest import (
+    FORMAT,
+    TEMP_PREFIX,
+    cached_digests,
+    describe_write_error,
+    file_digest,
+    json_digest,
+    read_json,
+    verify_manifest,
+    write_manifest,
+)
+from .setup import RunError
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "ccafl_run.json"
+RUN_FILE = "ccafl_run.json"  # the run's manifest: settings, fingerprint and, once finished, its files
 LOCK_FILE = ".ccafl_run.lock"
-TEMP_PREFIX = ".tmp-"
-KILL_AT_ENV = "CCAFL_HF_KILL_AT"
+PID_FILE = ".ccafl_run.pid"
+REPLACED_PREFIX = ".ccafl-replaced-"
 
-#: Training arguments that never change what a run computes: where and how it logs, saves and reports,
-#: how many workers it uses, Hub upload. Every other field of the arguments is fingerprinted.
-RUN_ONLY_ARGUMENTS = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "run_name", "logging_dir", "logging_strategy",
-    "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica",
-    "log_on_each_node", "report_to", "disable_tqdm", "save_strategy", "save_steps", "save_total_limit",
-    "save_on_each_node", "save_only_model", "save_safetensors", "push_to_hub",
-    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision",
-    "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token", "dataloader_num_workers",
-    "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "local_rank", "ddp_backend", "ddp_timeout", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
-    "ddp_broadcast_buffers", "include_num_input_tokens_seen", "include_tokens_per_second",
-    "skip_memory_metrics", "restore_callback_states_from_checkpoint", "trackio_space_id", "trackio_bucket_id",
-    "trackio_static_space_id", "project", "enable_jit_checkpoint",
+#: Arguments proven not to change what a run computes (tests/test_lifecycle.py reruns with every one of
+#: them changed and compares bit for bit): paths, logging, saving, reporting and Hub upload. Every other
+#: field of the arguments is fingerprinted, including any added later.
+RESULT_NEUTRAL_ARGUMENTS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "run_name", "logging_strategy", "logging_steps",
+    "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node",
+    "report_to", "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+    "save_only_model", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
+    "hub_always_push", "hub_revision",
 })
-#: Model/data arguments that do not change results: the data folder is replaced by the data's identity
-#: (so a moved copy still matches), the preset name by the values it resolved to.
-RUN_ONLY_INPUTS = frozenset({"data_dir", "preset"})
+#: Not a setting but the process's place in the run (differs between the processes of one run); the
+#: number of processes is fingerprinted instead.
+PROCESS_ARGUMENTS = frozenset({"local_rank"})
+#: Model/data arguments replaced by what they resolve to: the data folder by the data's content (a moved
+#: copy still matches), the preset name by its values.
+RESULT_NEUTRAL_INPUTS = frozenset({"data_dir", "preset"})
+RUN_ONLY_ARGUMENTS = RESULT_NEUTRAL_ARGUMENTS | PROCESS_ARGUMENTS  # the name of 0.x
 
 
-class RunDirectoryError(CCAFLError):
+class RunDirectoryError(RunError):
     """The output folder cannot be used for this run (reported as one line by the script)."""
 
 
-# ------------------------------------------------------------------------------------ atomic files
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(temp)`` on a temporary name in ``path``'s folder, then rename it to ``path``.
+# ---------------------------------------------------------------------------------------- identity
+def _check_image_header(path: str) -> None:
+    from PIL import Image
 
-    A reader sees the old file or the whole new one, never a part. An error while writing (a full disk)
-    removes the temporary file and raises `OSError` naming ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException as error:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
-        if isinstance(error, OSError) or _is_write_failure(error):
-            raise _os_error(error, path) from None
-        raise
-    return path
+        with Image.open(path) as image:
+            image.size  # noqa: B018  (the header is parsed on open; the size proves it)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RunError(f"{path}: not a decodable image ({' '.join(str(error).split())}); fix or remove it") from None
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """`write_atomically` a JSON document."""
-    text = json.dumps(payload, indent=2)
-    return write_atomically(path, lambda temp: temp.write_text(text))
+def data_identity(dataset) -> str:
+    """Hash of a `DatasetDict`'s content: per split, the sorted ``(relative path, content hash, labels)`` of
+    every image. Every image file is header-checked when it is hashed (hashes are cached by path, size,
+    mtime and inode). Same files and labels elsewhere match; one changed byte does not."""
+    splits = {name: dataset[name] for name in sorted(dataset)}
+    paths = [p for s in splits.values() if "image_path" in s.column_names for p in s["image_path"][:]]
+    digests = dict(zip(paths, cached_digests(paths, check=_check_image_header), strict=True))
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+    rows_of = {}
+    for name, split in splits.items():
+        columns = {c: split[c][:] for c in split.column_names if c != "image_path"}
+        for c, values in columns.items():
+            if values and (isinstance(values[0], dict) and "bytes" in values[0] or hasattr(values[0], "tobytes")):
+                columns[c] = [_image_digest(v) for v in values]  # 🤗 datasets image values, decoded or not
+        files = ([[os.path.relpath(os.path.abspath(p), root), digests[p]] for p in split["image_path"][:]]
+                 if "image_path" in split.column_names else [[]] * split.num_rows)
+        labels = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        rows = [[*f, _jsonable(label)] for f, label in zip(files, labels or [{}] * len(files), strict=True)]
+        rows_of[name] = sorted(json.dumps(row, sort_keys=True) for row in rows)
+    return json_digest(rows_of)[:24]
 
 
-def read_json(path: str | os.PathLike, expect: Callable[[Any], bool] | None = None) -> Any | None:
-    """The JSON content of ``path``, or None when it is missing, truncated, malformed or fails ``expect``
-    (a warning then names the file: it is treated as absent, never as a crash)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        logger.warning("ignoring %s: unreadable or cut off (%s); treated as absent", path, error)
-        return None
-    if expect is not None and not expect(content):
-        logger.warning("ignoring %s: not the expected content; treated as absent", path)
-        return None
-    return content
+def _image_digest(value) -> str:
+    if isinstance(value, dict):
+        return file_digest(value["path"]) if value.get("bytes") is None else hashlib.blake2b(value["bytes"]).hexdigest()
+    return hashlib.blake2b(value.tobytes()).hexdigest()  # a decoded PIL image: its pixels
 
 
-def _is_write_failure(error: BaseException) -> bool:
-    # torch.save reports a full disk as a RuntimeError from its zip writer, without errno or path
-    return isinstance(error, RuntimeError) and ("file write failed" in str(error) or "PytorchStreamWriter" in str(error))
+def model_identity(name_or_path: str, model) -> str:
+    """Hash of the start model's content: every file of a local folder (weights, config, tokenizer), else
+    (the built-in tiny models, a Hub checkpoint) the loaded weights themselves."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        digests = cached_digests([str(p) for p in files])
+        return json_digest([[p.relative_to(folder).as_posix(), d] for p, d in zip(files, digests, strict=True)])[:24]
+    digest = hashlib.blake2b(digest_size=32)
+    for key, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
 
 
-def _os_error(error: BaseException, path: Path) -> OSError:
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space" in str(error):
-        return OSError(errno.ENOSPC, f"cannot write {path}: no space left on the device")
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
-    return OSError(getattr(error, "errno", None) or errno.EIO, f"cannot write {path}: {reason}")
-
-
-def describe_write_error(error: BaseException, output_dir: str | os.PathLike) -> str | None:
-    """One line for an error raised while writing into ``output_dir`` (full disk, no permission), naming
-    the path; None when ``error`` is no write failure."""
-    if isinstance(error, OSError):
-        if str(error).startswith("cannot write "):
-            return str(error)
-        where = error.filename or output_dir
-        if error.errno == errno.ENOSPC:
-            return f"cannot write {where}: no space left on the device"
-        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return f"cannot write {where}: {error.strerror}"
-        return None
-    if _is_write_failure(error):
-        return f"cannot write into {output_dir}: the disk is full or the folder is not writable (torch.save: file write failed)"
-    return None
-
-
-# ------------------------------------------------------------------------------------------ settings
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -153,47 +137,20 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _jsonable(dataclasses.asdict(value))
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
     return str(getattr(value, "value", value))  # enums (IntervalStrategy, …) and anything else: their text
 
 
-def _files_identity(paths: list[str]) -> list[list]:
-    """``[relative path, size]`` of each file (relative to their common folder, so a moved copy matches)."""
-    if not paths:
-        return []
-    root = os.path.commonpath([os.path.dirname(p) for p in paths])
-    return [[os.path.relpath(p, root), os.path.getsize(p) if os.path.exists(p) else -1] for p in paths]
-
-
-def dataset_identity(dataset) -> str:
-    """Hash of a `DatasetDict`'s content: per split, every image's relative path and size and every label
-    column. Two folders with the same files and labels match; a changed, added or removed image does not."""
-    digest = hashlib.sha256()
-    for name in sorted(dataset):
-        split = dataset[name]
-        columns = {c: split[c][:] for c in split.column_names if c != "image_path"}
-        files = _files_identity(split["image_path"][:]) if "image_path" in split.column_names else []
-        digest.update(json.dumps([name, files, _jsonable(columns)], sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def model_identity(name_or_path: str) -> list | str:
-    """A local model folder: its files and sizes; anything else (a Hub id, ``tiny``): its name."""
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        return name_or_path
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [[p.relative_to(folder).as_posix(), p.stat().st_size] for p in files]
-
-
-def run_settings(model_args, data_args, args, data_identity: str) -> dict[str, Any]:
-    """Every resolved setting that can change a run's results, flat (``{flag name: value}``).
-
-    Includes all fields of the model, data and training arguments except `RUN_ONLY_INPUTS` and
-    `RUN_ONLY_ARGUMENTS` (and private fields), plus ``data_files`` (see `dataset_identity`) and, for a
-    local model folder, ``model_files``.
-    """
+def run_settings(model_args, data_args, args, data_files: str, model_files: str = "",
+                 num_processes: int = 1) -> dict[str, Any]:
+    """Every setting that can change a run's results, flat (``{flag name: value}``): all fields of the
+    three argument dataclasses except `RESULT_NEUTRAL_INPUTS`, `RESULT_NEUTRAL_ARGUMENTS` and
+    `PROCESS_ARGUMENTS`, plus ``data_files`` (`data_identity`), ``model_files`` (`model_identity`) and
+    ``num_processes``."""
     settings: dict[str, Any] = {}
-    for source, excluded in ((model_args, RUN_ONLY_INPUTS), (data_args, RUN_ONLY_INPUTS), (args, RUN_ONLY_ARGUMENTS)):
+    for source, excluded in ((model_args, RESULT_NEUTRAL_INPUTS), (data_args, RESULT_NEUTRAL_INPUTS),
+                             (args, RESULT_NEUTRAL_ARGUMENTS | PROCESS_ARGUMENTS)):
         for item in dataclasses.fields(source):
             if item.name.startswith("_") or item.name in excluded:
                 continue
@@ -202,16 +159,8 @@ def run_settings(model_args, data_args, args, data_identity: str) -> dict[str, A
                 with suppress(ValueError):
                     value = json.loads(value)
             settings[item.name] = _jsonable(value)
-    settings["data_files"] = data_identity
-    model = model_identity(getattr(model_args, "model_name_or_path", ""))
-    if isinstance(model, list):
-        settings["model_files"] = hashlib.sha256(json.dumps(model).encode()).hexdigest()[:16]
+    settings.update(data_files=data_files, model_files=model_files, num_processes=num_processes)
     return settings
-
-
-def settings_fingerprint(settings: dict[str, Any]) -> str:
-    """Stable hash of `run_settings`."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
@@ -223,230 +172,218 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 
     return ", ".join(shown)
 
 
-def kill_point(name: str) -> None:
-    """Test hook: SIGKILL this process when ``$CCAFL_HF_KILL_AT`` equals ``name`` (a stage boundary), so
-    tests can stop a run at an exact point between stages. Does nothing otherwise."""
-    if os.environ.get(KILL_AT_ENV) == name:
-        logger.warning("%s=%s: killing this process (test hook)", KILL_AT_ENV, name)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # -------------------------------------------------------------------------------------- the folder
 @dataclasses.dataclass
 class RunPlan:
-    """What a run does with its output folder: ``fresh``, ``resume`` (same settings; finished stages are
-    reused, the rest continue from their last complete checkpoint), ``finished`` (same settings, nothing
-    to train) or ``replace`` (``--overwrite_output_dir``: start over; the previous run is deleted only
-    when this one starts training)."""
+    """``fresh`` (nothing here yet), ``resume`` (same settings: verified stages are reused, the rest redone
+    from the last verified checkpoint), ``finished`` (the run's manifest verifies: nothing to train) or
+    ``replace`` (``--overwrite_output_dir`` on a folder holding a run of this package)."""
 
     action: str
-    reason: str = ""
 
 
 class RunDirectory:
-    """The output folder of one training run (see the module docstring).
-
-    Args:
-        path: the output folder.
-        settings: `run_settings` of this run (or later, with `set_settings`, once the data is read).
-        is_main_process: only the main process locks, deletes and writes.
-    """
+    """The output folder of one training run (see the module docstring). Only the main process locks,
+    moves, deletes and writes; every process reads and verifies."""
 
     def __init__(self, path: str | os.PathLike, settings: dict[str, Any] | None = None, is_main_process: bool = True):
+        if not str(path).strip():
+            raise RunDirectoryError("--output_dir is empty: name the run's folder (e.g. --output_dir outputs/my-run)")
         self.path = Path(path)
-        self.settings: dict[str, Any] = {}
-        self.fingerprint = ""
+        self.is_main_process = is_main_process
+        self.settings, self.fingerprint = {}, ""
         if settings is not None:
             self.set_settings(settings)
-        self.is_main_process = is_main_process
         self.plan_: RunPlan | None = None
-        self._lock_fd: int | None = None
-        self._created: bool = False
-        self._started: bool = False
+        self._started = False
 
     def set_settings(self, settings: dict[str, Any]) -> None:
-        """This run's `run_settings` (and their fingerprint)."""
-        self.settings = settings
-        self.fingerprint = settings_fingerprint(settings)
+        """This run's `run_settings` and their fingerprint."""
+        self.settings, self.fingerprint = settings, json_digest(settings)[:16]
 
-    # ------------------------------------------------------------------------------ lock
+    # ------------------------------------------------------------------------------------- lock
     @contextmanager
     def lock(self) -> Iterator[RunDirectory]:
-        """Hold the folder's exclusive lock (main process) for the ``with`` block.
-
-        Raises `RunDirectoryError` at once, naming the holder's PID, when another run holds it. When this
-        run fails before it started training (`start`), the folder is left as it was found (a folder this
-        run created is removed again).
-        """
+        """Hold the folder's lock (`filelock`, main process) for the ``with`` block: a second run is refused
+        at once naming the holder's PID; a killed holder's lock is taken over. A run that fails before
+        `start` leaves the folder as it found it."""
         if not self.is_main_process:
             yield self
             return
-        self._acquire()
+        created, had_lock = not self.path.exists(), (self.path / LOCK_FILE).exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(self.path / LOCK_FILE, timeout=0, thread_local=False)
+            lock.acquire()
+        except Timeout:
+            holder = (self.path / PID_FILE).read_text().strip() if (self.path / PID_FILE).is_file() else "unknown"
+            raise RunDirectoryError(f"--output_dir {self.path} is in use by another training run (PID {holder}); wait "
+                                    "for it to end or choose another --output_dir") from None
+        except OSError as error:
+            raise RunDirectoryError(f"--output_dir {self.path}: cannot create or lock it ({error.strerror})") from None
+        pid_file = self.path / PID_FILE
+        stale = pid_file.read_text().strip() if pid_file.is_file() else ""
+        if stale:
+            logger.warning("%s: the run with PID %s ended without releasing its lock (killed?); taking it over",
+                           self.path, stale)
+        pid_file.write_text(f"{os.getpid()}\n")
         try:
             yield self
         finally:
-            self._release()
+            pid_file.unlink(missing_ok=True)
+            lock.release()
+            if not self._started and not had_lock:
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+                if created:
+                    with suppress(OSError):
+                        self.path.rmdir()  # only when still empty
 
-    def _acquire(self) -> None:
-        import fcntl
-
-        self._created = not self.path.exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise RunDirectoryError(f"--output_dir {self.path}: cannot create it ({error.strerror})") from None
-        lock_path = self.path / LOCK_FILE
-        while True:
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as error:
-                self._undo_creation()
-                raise RunDirectoryError(f"--output_dir {self.path}: not writable ({error.strerror})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise RunDirectoryError(
-                    f"--output_dir {self.path} is in use by another training run (PID {holder}); wait for it to "
-                    "end or choose another --output_dir"
-                ) from None
-            try:  # the holder may have removed the file between our open and lock: lock the current one
-                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        if previous:
-            logger.warning("%s: the run with PID %s ended without releasing its lock (killed?); taking it over",
-                           self.path, previous)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _release(self) -> None:
-        if self._lock_fd is None:
-            return
-        (self.path / LOCK_FILE).unlink(missing_ok=True)
-        os.close(self._lock_fd)
-        self._lock_fd = None
-        if not self._started:
-            self._undo_creation()
-
-    def _undo_creation(self) -> None:
-        if self._created:
-            with suppress(OSError):
-                self.path.rmdir()  # only when still empty
-
-    # ------------------------------------------------------------------------------ state
+    # ------------------------------------------------------------------------------------- plan
     @property
     def run_file(self) -> Path:
         return self.path / RUN_FILE
 
-    def marker_path(self, stage: str) -> Path:
-        """Where the results of ``stage`` are stored (``untrained``: the evaluation before training)."""
-        if stage == "untrained":
-            return self.path / "checkpoints" / "untrained_eval.json"
-        return self.path / "checkpoints" / stage / "final" / "eval_results.json"
+    def _run_manifest(self) -> dict | None:
+        content = read_json(self.run_file)
+        ok = (isinstance(content, dict) and content.get("format") == FORMAT and isinstance(content.get("settings"), dict)
+              and isinstance(content.get("fingerprint"), str))
+        return content if ok else None
 
-    def _previous_run(self) -> dict | None:
-        return read_json(self.run_file, lambda c: isinstance(c, dict) and isinstance(c.get("settings"), dict)
-                         and isinstance(c.get("fingerprint"), str))
+    def _entries(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.name not in (LOCK_FILE, PID_FILE)) if self.path.is_dir() else []
 
-    def _holds_training_state(self) -> bool:
-        checkpoints = self.path / "checkpoints"
-        return checkpoints.is_dir() and any(checkpoints.iterdir())
-
-    def _marker_fingerprints(self) -> set[str]:
-        found = set()
-        for path in (self.path / "checkpoints").glob("**/*.json"):
-            content = read_json(path)
-            if isinstance(content, dict) and isinstance(content.get("fingerprint"), str):
-                found.add(content["fingerprint"])
-        return found
+    def _sweep(self) -> None:
+        """Leftovers of a killed run: temporary files (deleted) and a previous run moved aside by an overwrite
+        (restored when the replacing run never started, else deleted)."""
+        for leftover in sorted(self.path.rglob(f"{TEMP_PREFIX}*"), reverse=True):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        for aside in self.path.glob(f"{REPLACED_PREFIX}*"):
+            if self._run_manifest() is None:
+                logger.warning("restoring the previous run that an interrupted --overwrite_output_dir moved aside")
+                for entry in aside.iterdir():
+                    os.replace(entry, self.path / entry.name)
+            shutil.rmtree(aside, ignore_errors=True)
 
     def plan(self, overwrite: bool = False) -> RunPlan:
-        """Decide, before any work, what this run does with the folder (see `RunPlan`).
-
-        Raises `RunDirectoryError` (one line naming the differing settings) when the folder holds another
-        run's checkpoints or results and ``overwrite`` is False. ``--resume_from_checkpoint`` never
-        overrides this: only a run of the same settings is continued.
-        """
-        previous = self._previous_run()
-        state = self._holds_training_state()
-        finished = previous is not None and previous.get("finished") is True
-        if previous is None and self.run_file.is_file():
-            logger.warning("%s is unreadable: the settings of the run in %s are taken from its stage results",
-                           self.run_file, self.path)
-        if not state and not finished:
-            self.plan_ = RunPlan("fresh")  # nothing trained here yet (e.g. a run that failed before training)
-        elif overwrite:
-            self.plan_ = RunPlan("replace")  # start over, even with the same settings
-        elif previous is not None and previous["fingerprint"] == self.fingerprint:
-            self.plan_ = RunPlan("finished" if finished and self.result("final") is not None else "resume")
-        elif previous is None and self.fingerprint in self._marker_fingerprints():
-            self.plan_ = RunPlan("resume")
-        else:
-            what = (describe_differences(previous["settings"], self.settings) if previous is not None
-                    else f"{RUN_FILE} is missing or unreadable, so its settings are unknown")
+        """Decide, before any work, what this run does with the folder (see `RunPlan`); raise
+        `RunDirectoryError` (one line) for a folder of another run (naming the differing settings, unless
+        ``overwrite``) or for a non-empty folder that holds no run of this package (always)."""
+        if self.is_main_process and self.path.is_dir():
+            self._sweep()
+        previous, entries = self._run_manifest(), self._entries()
+        if not entries:
+            action = "fresh"
+        elif previous is None:
+            legacy = read_json(self.run_file)
+            if isinstance(legacy, dict) and {"fingerprint", "settings"} <= set(legacy):  # an earlier version's run
+                if not overwrite:
+                    raise RunDirectoryError(
+                        f"--output_dir {self.path} holds a run of an earlier ccafl-hf version, whose files carry no "
+                        "content hashes; pass --overwrite_output_dir to replace it or choose another --output_dir")
+                action = "replace"
+            elif self.fingerprint in self._stage_fingerprints():
+                logger.warning("%s is unreadable; its stage results carry this run's settings: resuming", self.run_file)
+                action = "resume"
+            else:
+                what = (f"its {RUN_FILE} is unreadable" if self.run_file.exists()
+                        else f"it holds no ccafl-hf run ({', '.join(p.name for p in entries[:3])}"
+                             f"{', …' if len(entries) > 3 else ''})")
+                raise RunDirectoryError(
+                    f"--output_dir {self.path} is not empty and {what}: nothing was changed; choose another "
+                    "--output_dir (--overwrite_output_dir only ever replaces a run of this package)")
+        elif not self._holds_work(previous) or overwrite:
+            action = "replace"  # a run that never trained is no reason to refuse its fix
+        elif previous["fingerprint"] != self.fingerprint:
             raise RunDirectoryError(
                 f"--output_dir {self.path} holds another run's checkpoints or results with different settings "
-                f"({what}); pass --overwrite_output_dir to replace it or choose another --output_dir"
-            )
+                f"({describe_differences(previous['settings'], self.settings)}); pass --overwrite_output_dir to "
+                "replace it or choose another --output_dir")
+        elif previous.get("finished"):
+            verified, why = verify_manifest(self.path, manifest=RUN_FILE)
+            action = "finished" if verified else "resume"
+            if not verified:
+                logger.warning("the finished run in %s does not verify (%s): redoing what is missing", self.path, why)
+        else:
+            action = "resume"
+        self.plan_ = RunPlan(action)
         return self.plan_
 
+    def _holds_work(self, previous: dict) -> bool:
+        checkpoints = self.path / "checkpoints"
+        return bool(previous.get("finished")) or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+    def _stage_fingerprints(self) -> set[str]:
+        found = (read_json(p) for p in (self.path / "checkpoints").glob("*/final/manifest.json"))
+        return {m.get("fingerprint") for m in found if isinstance(m, dict)}
+
     def start(self) -> None:
-        """Called when the run is about to train: delete the previous run when replacing it, record the
-        settings. Before this point nothing in the folder was changed."""
+        """The run is about to train: a replaced run is moved aside, the new run's manifest written, then the
+        old run deleted (restored if anything before fails); the run's manifest says "not finished"."""
         plan = self.plan_ or self.plan()
         self._started = True
         if not self.is_main_process:
             return
-        if plan.action == "replace":
-            logger.info("--overwrite_output_dir: deleting the previous run's checkpoints and results in %s", self.path)
-            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
-            for name in ("eval_results.json", "README.md", "model.safetensors"):
-                (self.path / name).unlink(missing_ok=True)
-        if plan.action != "finished":
-            write_json(self.run_file, {"fingerprint": self.fingerprint, "finished": False, "settings": self.settings})
+        entries = self._entries() if plan.action == "replace" else []
+        aside = self.path / f"{REPLACED_PREFIX}{os.getpid()}"
+        moved: list[Path] = []
+        try:
+            if entries:
+                aside.mkdir()
+                for entry in entries:
+                    os.replace(entry, aside / entry.name)
+                    moved.append(entry)
+            self._write_run_manifest(finished=False, files=[])
+        except BaseException:
+            for entry in moved:
+                os.replace(aside / entry.name, entry)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        if entries:
+            logger.info("--overwrite_output_dir: deleting the previous run in %s", self.path)
+            shutil.rmtree(aside)
 
-    def finish(self) -> None:
-        """Mark the run finished (after the artifacts were written)."""
+    def finish(self, files: list[Path]) -> None:
+        """Mark the run finished: its manifest lists (and hashes) the final ``files``; written last."""
         if self.is_main_process:
-            write_json(self.run_file, {"fingerprint": self.fingerprint, "finished": True, "settings": self.settings})
+            self._write_run_manifest(finished=True, files=files)
 
-    def result(self, stage: str) -> dict | None:
-        """The stored results of ``stage`` when they were produced with this run's settings, else None.
-        ``final``: the top-level ``eval_results.json`` of a finished run."""
-        if stage == "final":
-            return read_json(self.path / "eval_results.json", lambda c: isinstance(c, dict) and "stages" in c)
-        content = read_json(self.marker_path(stage), lambda c: isinstance(c, dict) and isinstance(c.get("metrics"), dict))
-        if content is None or content.get("fingerprint") != self.fingerprint:
+    def _write_run_manifest(self, finished: bool, files: list[Path]) -> None:
+        payload = {"fingerprint": self.fingerprint, "finished": finished, "settings": self.settings}
+        write_manifest(self.path, payload, files=[self.path / f for f in files], name=RUN_FILE)
+
+    # ------------------------------------------------------------------------------ stage results
+    def stage_dir(self, stage: str) -> Path:
+        """``checkpoints/<stage>/final``: a stage's results (``untrained``: the evaluation before training)."""
+        return self.path / "checkpoints" / stage / "final"
+
+    def result(self, stage: str, previous: str | None) -> dict | None:
+        """The verified manifest of ``stage`` (``metrics``, files) when it carries this run's fingerprint and
+        was computed from the stage result whose digest is ``previous``; else None, with one log line."""
+        folder = self.stage_dir(stage)
+        if not folder.exists():
             return None
-        return content["metrics"]
+        manifest, why = verify_manifest(folder)
+        if manifest is not None and (manifest.get("fingerprint") != self.fingerprint
+                                     or manifest.get("previous") != previous):
+            manifest, why = None, "computed with other settings or from other results of the stage before"
+        if manifest is None:
+            logger.warning("the results of %s in %s do not verify (%s): recomputing them", stage.upper(), folder, why)
+        return manifest
 
-    def save_result(self, stage: str, metrics: dict) -> None:
-        """Store ``stage``'s results with this run's fingerprint (atomically; main process)."""
+    def save_result(self, stage: str, metrics: dict, previous: str | None) -> None:
+        """Seal ``stage``'s folder (files written there first) with its metrics: the manifest is written last."""
         if self.is_main_process:
-            write_json(self.marker_path(stage), {"fingerprint": self.fingerprint, "metrics": metrics})
+            write_manifest(self.stage_dir(stage), {"fingerprint": self.fingerprint, "stage": stage,
+                                                   "metrics": metrics, "previous": previous})
 
 
-__all__ = [
-    "KILL_AT_ENV",
-    "RUN_FILE",
-    "RUN_ONLY_ARGUMENTS",
-    "RunDirectory",
-    "RunDirectoryError",
-    "RunPlan",
-    "dataset_identity",
-    "describe_differences",
-    "describe_write_error",
-    "kill_point",
-    "read_json",
-    "run_settings",
-    "settings_fingerprint",
-    "write_atomically",
-    "write_json",
-]
+def digest(manifest: dict | None) -> str | None:
+    """What the next stage records as ``previous``: the hash of a stage's manifest."""
+    return None if manifest is None else json_digest(manifest)
+
+
+__all__ = ["RESULT_NEUTRAL_ARGUMENTS", "RUN_FILE", "RUN_ONLY_ARGUMENTS", "RunDirectory", "RunDirectoryError",
+           "RunPlan", "data_identity", "describe_differences", "describe_write_error", "digest", "model_identity", "run_settings"]

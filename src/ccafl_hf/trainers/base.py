@@ -197,10 +197,9 @@ class CCAFLTrainer(Trainer):
         the epoch, prepare its state (`prepare_epoch`); log the association once."""
         self.loop_epoch = self.epoch_range[0] + index
         self.objective = self.objectives[self.stage_of_epoch(self.loop_epoch)]
-        if resumed_mid_epoch:
-            logger.info("resumed inside epoch %d (%s): keeping the checkpointed memories and pseudo-labels",
-                        self.loop_epoch, self.current_stage)
-            return
+        if resumed_mid_epoch:  # the epoch's data order, augmentation and memory state are not all restorable there
+            raise ValueError(f"cannot resume inside loop epoch {self.loop_epoch} exactly: resume from a checkpoint "
+                             "saved at an epoch end")
         record = self.prepare_epoch(self.loop_epoch)
         if record is not None:
             self.association_log.append({"epoch": self.loop_epoch, **record})
