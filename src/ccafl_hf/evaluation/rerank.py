@@ -38,7 +38,7 @@ import torch
 from scipy import sparse
 
 from ..neighbors import exact_knn
-from .ranking import (
+from .distances import (
     ArrayLike,
     DistanceMetric,
     check_feature_pair,
