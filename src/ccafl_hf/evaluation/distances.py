@@ -123,6 +123,17 @@ def pairwise_distance(
     return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (int64) of the true entries of a contiguous boolean ``mask``, ascending.
+
+    On the CPU numpy's vectorised scan does it several times faster than ``torch.nonzero`` on the
+    sparse masks the ranking and neighbour passes produce; elsewhere ``torch.nonzero``.
+    """
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.view(-1).nonzero().squeeze(1)
+
+
 __all__ = [
     "ArrayLike",
     "DistanceMetric",
@@ -130,6 +141,7 @@ __all__ = [
     "check_features",
     "check_ids",
     "check_metric",
+    "flat_nonzero",
     "pairwise_distance",
     "prepare_features",
 ]

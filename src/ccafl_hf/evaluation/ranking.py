@@ -36,6 +36,7 @@ from .distances import (
     check_feature_pair,
     check_ids,
     check_metric,
+    flat_nonzero,
     pairwise_distance,
     prepare_features,
 )
@@ -126,7 +127,7 @@ def _positive_ranks(
     valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
     # Survivors: entries no farther than the row's last positive (junk is +inf, never kept).
     last = pos_d.gather(1, (num_pos - 1).clamp_(min=0)[:, None]).masked_fill_(num_pos[:, None] == 0, -math.inf)
-    flat = torch.le(dist, last).view(-1).nonzero().squeeze(1)
+    flat = flat_nonzero(torch.le(dist, last))
     rows = flat // g
     values = dist.view(-1)[flat]
     # slot: how many of the row's positives lie at or before the survivor (distance <=), by a

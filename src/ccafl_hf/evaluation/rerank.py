@@ -29,6 +29,7 @@ differ. With continuous features they are the same.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..neighbors import exact_knn
 from .distances import (
     ArrayLike,
     DistanceMetric,
     check_feature_pair,
     check_metric,
+    flat_nonzero,
     pairwise_distance,
     prepare_features,
 )
@@ -55,6 +56,8 @@ _ROW_BLOCK = 8192
 _PAIR_BLOCK = 1 << 16
 # Target number of (query, shared column, gallery) triples per Jaccard block.
 _TRIPLE_BLOCK = 1 << 23
+# Side of the square blocks of the one-pass neighbour search.
+_KNN_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -275,16 +278,105 @@ class KReciprocalDistances:
         return self.distances(slice(None)).cpu().numpy()
 
 
-def _farthest_sq_distance(x: np.ndarray, metric: str, use_gpu: bool | None) -> np.ndarray:
-    """``max_j d(i, j)²`` over all rows ``j`` of ``x [N, D]`` (prepared features), float32 ``[N]``."""
+# Lower 32 bits of a neighbour key: 0xFFFFFFFF - index, so that equal scores rank the smaller index first.
+_INDEX_MASK = 0xFFFFFFFF
+
+
+def _score_keys(score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (float32 ``score`` descending, ``index`` ascending) when sorted descending."""
+    bits = (score + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 and +0.0 are one value
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered << 32) + (_INDEX_MASK - index)
+
+
+def _key_scores(keys: torch.Tensor) -> torch.Tensor:
+    ordered = keys >> 32
+    return torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32).view(torch.float32)
+
+
+def _merge_candidates(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """Fold candidate ``keys`` of state ``rows`` into ``best [N, k]`` (keys, descending); returns the
+    updated rows (or None)."""
+    if rows.numel() == 0:
+        return None
+    order = torch.argsort(rows, stable=True)
+    rows, keys = rows[order], keys[order]
+    touched, counts = torch.unique_consecutive(rows, return_counts=True)
+    seg = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[seg]
+    padded = torch.full((touched.numel(), int(counts.max())), torch.iinfo(torch.int64).min, device=rows.device)
+    padded[seg, pos] = keys
+    merged = torch.cat((best[touched], padded), dim=1)
+    best[touched] = torch.topk(merged, best.shape[1], dim=1).values
+    return touched
+
+
+def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``k`` nearest neighbours and farthest squared distance of every row of ``x [N, D]``.
+
+    One pass over the upper triangle of the ``N × N`` score matrix in ``_KNN_BLOCK``-square blocks:
+    each block serves its rows and, transposed, its columns. Score (larger = nearer): the inner
+    product for cosine (prepared features), ``2 x·y - ‖y‖²`` for Euclidean. A row keeps its ``k`` best
+    (score, index) pairs, equal scores by smaller index (the item itself is among them); only entries
+    at least as good as the row's current ``k``-th are merged. Returns ``(neighbours [N, k]`` int64,
+    nearest first; ``max_j d(i, j)² [N]`` float32), on ``x``'s device.
+    """
+    n = x.shape[0]
+    device = x.device
+    sq = x.pow(2).sum(1) if metric == "euclidean" else None
+    init = _score_keys(torch.tensor([-math.inf], device=device), torch.tensor([_INDEX_MASK], device=device))
+    best = init.expand(n, k).clone()
+    kth = torch.full((n,), -math.inf, device=device)  # score of each row's current k-th neighbour
+    lowest = torch.full((n,), math.inf, device=device)  # smallest score of each row: the farthest item
+
+    def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
+        # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
+        if transposed:
+            lowest[cols0 : cols0 + score.shape[1]] = torch.minimum(lowest[cols0 : cols0 + score.shape[1]],
+                                                                   score.amin(0))
+            flat = flat_nonzero(torch.ge(score, kth[None, cols0 : cols0 + score.shape[1]]))
+            r, c = flat // score.shape[1], flat % score.shape[1]
+            state, item = c + cols0, r + rows0
+        else:
+            lowest[rows0 : rows0 + score.shape[0]] = torch.minimum(lowest[rows0 : rows0 + score.shape[0]],
+                                                                   score.amin(1))
+            flat = flat_nonzero(torch.ge(score, kth[rows0 : rows0 + score.shape[0], None]))
+            r, c = flat // score.shape[1], flat % score.shape[1]
+            state, item = r + rows0, c + cols0
+        touched = _merge_candidates(best, state, _score_keys(score[r, c], item))
+        if touched is not None:
+            kth[touched] = _key_scores(best[touched, k - 1])
+
+    block = _KNN_BLOCK
+    buf = torch.empty(min(block, n), min(block, n), dtype=x.dtype, device=device)
+    # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
+    # thresholds are tight before the off-diagonal blocks, where few entries pass them.
+    for i0 in range(0, n, block):
+        xi = x[i0 : i0 + block]
+        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0], : xi.shape[0]])
+        score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
+        lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
+        item = torch.arange(i0, i0 + xi.shape[0], device=device)
+        keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
+        best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
+        kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
+    for i0 in range(0, n, block):
+        xi = x[i0 : i0 + block]
+        for j0 in range(i0 + block, n, block):
+            xj = x[j0 : j0 + block]
+            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0], : xj.shape[0]])
+            if metric == "cosine":
+                fold(s, i0, j0, False)
+                fold(s, i0, j0, True)
+            else:
+                fold(2.0 * s - sq[None, j0 : j0 + xj.shape[0]], i0, j0, False)
+                fold(2.0 * s - sq[i0 : i0 + xi.shape[0], None], i0, j0, True)
+    neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
-        score, _ = exact_knn(-x, x, 1, "ip", use_gpu)  # max_j -x_i·x_j = -min cos
-        return np.square(np.maximum(1.0 + score[:, 0], 0.0)).astype(np.float32)
-    sq = np.einsum("ij,ij->i", x, x)
-    query = np.concatenate((-2.0 * x, np.ones((x.shape[0], 1), x.dtype)), axis=1)
-    base = np.concatenate((x, sq[:, None]), axis=1)
-    score, _ = exact_knn(query, base, 1, "ip", use_gpu)  # max_j ‖x_j‖² - 2 x_i·x_j
-    return np.maximum(sq + score[:, 0], 0.0).astype(np.float32)
+        farthest = (1.0 - lowest).clamp_(min=0.0).square_()
+    else:
+        farthest = (sq - lowest).clamp_(min=0.0)
+    return neighbours, farthest
 
 
 def rerank_from_features(
@@ -301,9 +393,11 @@ def rerank_from_features(
     """k-reciprocal re-ranking from features ``[Q, D]`` and ``[G, D]`` without any ``(Q+G)²`` matrix.
 
     Equivalent to ``rerank_distances(pairwise_distance(q, g), pairwise_distance(q, q),
-    pairwise_distance(g, g), k1, k2, lambda_value)`` for the same ``metric``, but uses exact faiss
-    search (``use_gpu`` as in `ccafl_hf.neighbors.exact_knn`) and sparse encodings; memory is
-    ``O((Q+G)·k1·k2)`` plus one chunk of queries at a time. ``prepared``: the features are already
+    pairwise_distance(g, g), k1, k2, lambda_value)`` for the same ``metric``, but finds the exact
+    nearest and farthest neighbours in one blocked pass over the upper triangle of the ``(Q+G)²``
+    products (never held) and uses sparse encodings; memory is ``O((Q+G)·k1·k2)`` plus one chunk of
+    queries at a time. ``use_gpu``: run that pass on the GPU (``True``, needs CUDA), on the CPU
+    (``False``) or where the query features are (``None``). ``prepared``: the features are already
     prepared for ``metric`` (`prepare_features`: L2-normalised for cosine). Returns a
     `KReciprocalDistances`.
     """
@@ -314,14 +408,16 @@ def rerank_from_features(
         qf, gf = prepare_features(qf, metric), prepare_features(gf, metric)
     gf = gf.to(device=qf.device, dtype=qf.dtype)
     num_q = qf.shape[0]
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but torch sees no CUDA device here")
+    device = qf.device if use_gpu is None else torch.device("cuda" if use_gpu else "cpu")
     x_t = torch.cat((qf, gf)).to("cpu", torch.float32)
-    x = x_t.numpy()
-    n = x.shape[0]
+    n = x_t.shape[0]
     width = min(n, max(k1 + 1, k2))
     start = time.perf_counter()
-    _, neighbours = exact_knn(x, x, width, "l2" if metric == "euclidean" else "ip", use_gpu)
-    scale = _farthest_sq_distance(x, metric, use_gpu)
-    logger.info("re-ranking: exact %d-NN and farthest-neighbour search over %d items in %.1f s",
+    neighbours, scale = _neighbours_and_farthest(x_t.to(device), width, metric)
+    neighbours, scale = neighbours.cpu().numpy(), scale.cpu().numpy()
+    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.1f s",
                 width, n, time.perf_counter() - start)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
