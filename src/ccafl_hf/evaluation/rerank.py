@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # Rows of the neighbour structure processed per block while building the expanded sets.
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
-_PAIR_BLOCK = 1 << 16
+_PAIR_BLOCK = 1 << 12
 # Target number of (query, shared column, gallery) triples per Jaccard block.
 _TRIPLE_BLOCK = 1 << 23
 # Side of the square blocks of the one-pass neighbour search.
@@ -126,7 +126,8 @@ def _expanded_sets(neighbours: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndar
         accept = shared > (2.0 / 3.0) * h_size[edge_c]
         blocks.append(r_keys[e_lo:e_hi])
         blocks.append(cand[accept[seg]])
-    keys = np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    keys = np.sort(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if keys.size else keys
     rows = keys // n
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
@@ -159,35 +160,54 @@ def _encode(
     return v
 
 
-def _overlap(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> np.ndarray:
-    """``S[a, b] = Σ_j min(v_rows[a, j], v_cols_t[j, b])`` as a dense float32 ``[A, B]`` array.
+def _overlap_entries(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of ``S[a, b] = Σ_j min(v_rows[a, j], v_cols_t[j, b])``.
 
-    ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Work
-    is proportional to the number of (row, shared column, column-side entry) triples.
+    ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Returns
+    ``(keys, values)``: flat positions ``a * B + b`` (int64, ascending, unique) and ``S`` there
+    (float32, summed in float64 in (a, j) order). Work is proportional to the number of (row, shared
+    column, column-side entry) triples, never to ``A × B``.
     """
-    a_num, b_num = v_rows.shape[0], v_cols_t.shape[1]
-    out = np.zeros((a_num, b_num), dtype=np.float32)
+    b_num = v_cols_t.shape[1]
+    key_parts, value_parts = [], []
     nnz_per_row = np.diff(v_rows.indptr)
     col_count = np.diff(v_cols_t.indptr)
     cum = np.concatenate(([0], np.cumsum(col_count[v_rows.indices])))
     triples = cum[v_rows.indptr[1:]] - cum[v_rows.indptr[:-1]]  # [A]
     block_of_row = (np.cumsum(triples) - triples) // _TRIPLE_BLOCK
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [a_num]))
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [v_rows.shape[0]]))
     for lo, hi in zip(starts[:-1], starts[1:]):
         e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
         cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
-        row = np.repeat(np.arange(hi - lo, dtype=np.int64), nnz_per_row[lo:hi])
+        row = np.repeat(np.arange(lo, hi, dtype=np.int64), nnz_per_row[lo:hi])
         seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
-        shared = np.minimum(vals[seg], v_cols_t.data[pos])
         keys = row[seg] * b_num + v_cols_t.indices[pos]
-        out[lo:hi] = np.bincount(keys, weights=shared, minlength=(hi - lo) * b_num).reshape(hi - lo, b_num)
-    return out
+        order = np.argsort(keys, kind="stable")  # a key's triples keep their order: same float64 sums
+        keys = keys[order]
+        first = np.concatenate(([True], keys[1:] != keys[:-1]))
+        shared = np.minimum(vals[seg[order]], v_cols_t.data[pos[order]])
+        key_parts.append(keys[first])
+        value_parts.append(np.bincount(np.cumsum(first) - 1, weights=shared).astype(np.float32))
+    if not key_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(key_parts), np.concatenate(value_parts)
 
 
 def _combine(overlap: np.ndarray | torch.Tensor, original: np.ndarray | torch.Tensor, lambda_value: float):
     """Final distance ``(1 - λ)·(1 - S / (2 - S)) + λ·d̃`` (float32, as the reference)."""
     jaccard = 1 - overlap / (2.0 - overlap)
     return jaccard * (1 - lambda_value) + original * lambda_value
+
+
+def _rerank_block(original: torch.Tensor, keys: np.ndarray, overlap: np.ndarray, lambda_value: float) -> torch.Tensor:
+    """Re-ranked distances from ``original [A, B]`` (``d̃``, float32, overwritten and returned) and the
+    non-zero overlaps (`_overlap_entries`). Where ``S = 0`` the Jaccard distance is exactly 1, so the
+    dense work is ``λ·d̃ + (1 - λ)``, the same float32 operations as `_combine` there."""
+    index = torch.from_numpy(keys).to(original.device)
+    touched = _combine(torch.from_numpy(overlap).to(original.device), original.view(-1)[index], lambda_value)
+    original.mul_(lambda_value).add_(1 - lambda_value)
+    original.view(-1)[index] = touched
+    return original
 
 
 # ----------------------------------------------------------------------------------------- dense path
@@ -235,8 +255,9 @@ def rerank_distances(
     for lo in range(0, n, step):
         neighbours[lo : lo + step] = np.argsort(original[lo : lo + step], axis=1, kind="stable")[:, :width]
     v = _encode(neighbours, k1, k2, lambda r, c: original[r, c])
-    overlap = _overlap(v[:num_q], v[num_q:].T.tocsr())
-    return _combine(overlap, original[:num_q, num_q:], lambda_value).astype(np.float32)
+    keys, overlap = _overlap_entries(v[:num_q], v[num_q:].T.tocsr())
+    query_gallery = torch.from_numpy(np.ascontiguousarray(original[:num_q, num_q:]))
+    return _rerank_block(query_gallery, keys, overlap, lambda_value).numpy()
 
 
 # ------------------------------------------------------------------------------------ from features
@@ -270,8 +291,8 @@ class KReciprocalDistances:
         q = self.query_features[rows_t.to(device)]
         d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True).to(torch.float32)
         original = d.pow_(2).div_(self.query_scale.to(device)[rows_t.to(device), None])
-        overlap = torch.from_numpy(_overlap(self.query_encoding[rows_np], self.gallery_encoding_t)).to(device)
-        return _combine(overlap, original, self.lambda_value)
+        keys, overlap = _overlap_entries(self.query_encoding[rows_np], self.gallery_encoding_t)
+        return _rerank_block(original, keys, overlap, self.lambda_value)
 
     def to_dense(self) -> np.ndarray:
         """All re-ranked distances ``[Q, G]`` as float32 numpy."""
@@ -422,12 +443,17 @@ def rerank_from_features(
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
 
+    left = torch.empty(_PAIR_BLOCK, x_t.shape[1])  # reused gather buffers: no fresh pages per block
+    right = torch.empty(_PAIR_BLOCK, x_t.shape[1])
+
     def pair_distance(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         out = np.empty(rows.size, dtype=np.float32)
         for lo in range(0, rows.size, _PAIR_BLOCK):
             r = torch.from_numpy(rows[lo : lo + _PAIR_BLOCK])
             c = torch.from_numpy(cols[lo : lo + _PAIR_BLOCK])
-            dot = (x_t[r] * x_t[c]).sum(1)
+            m = r.numel()
+            a = torch.index_select(x_t, 0, r, out=left[:m])
+            dot = a.mul_(torch.index_select(x_t, 0, c, out=right[:m])).sum(1)
             d2 = (1.0 - dot).square() if metric == "cosine" else (sq[r] + sq[c] - 2.0 * dot).clamp(min=0.0)
             out[lo : lo + _PAIR_BLOCK] = (d2 / torch.from_numpy(scale[rows[lo : lo + _PAIR_BLOCK]])).numpy()
         return out
