@@ -123,6 +123,13 @@ def pairwise_distance(
     return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
+def count_nonzero(mask: torch.Tensor) -> int:
+    """Number of true entries of a contiguous boolean ``mask`` (numpy's popcount on the CPU)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(mask.count_nonzero())
+
+
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     """Flat indices (int64) of the true entries of a contiguous boolean ``mask``, ascending.
 
@@ -141,6 +148,7 @@ __all__ = [
     "check_features",
     "check_ids",
     "check_metric",
+    "count_nonzero",
     "flat_nonzero",
     "pairwise_distance",
     "prepare_features",

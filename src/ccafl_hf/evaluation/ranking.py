@@ -36,6 +36,7 @@ from .distances import (
     check_feature_pair,
     check_ids,
     check_metric,
+    count_nonzero,
     flat_nonzero,
     pairwise_distance,
     prepare_features,
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Bytes of scratch per query chunk when chunk_size is None (distances + comparison mask, with room to spare).
 _CHUNK_BYTES = 512 * 2**20
+# Above this fraction of surviving entries a chunk is ranked by one search of whole rows instead.
+_DENSE_SURVIVORS = 0.25
 
 
 def _check_max_rank(max_rank: int) -> int:
@@ -127,7 +130,10 @@ def _positive_ranks(
     valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
     # Survivors: entries no farther than the row's last positive (junk is +inf, never kept).
     last = pos_d.gather(1, (num_pos - 1).clamp_(min=0)[:, None]).masked_fill_(num_pos[:, None] == 0, -math.inf)
-    flat = flat_nonzero(torch.le(dist, last))
+    mask = torch.le(dist, last)
+    if count_nonzero(mask) > _DENSE_SURVIVORS * b * g:  # features close to random: most entries survive
+        return _ranks_by_row_search(dist, pos_d, pos_g, valid), num_pos
+    flat = flat_nonzero(mask)
     rows = flat // g
     values = dist.view(-1)[flat]
     # slot: how many of the row's positives lie at or before the survivor (distance <=), by a
@@ -150,6 +156,49 @@ def _positive_ranks(
     hist = torch.bincount(rows * (p + 1) + slot, minlength=b * (p + 1)).view(b, p + 1)
     ranks = hist.cumsum(1)[:, :p].masked_fill_(~valid, g)  # #entries before positive k
     return ranks, num_pos
+
+
+def _ranks_by_row_search(dist: torch.Tensor, pos_d: torch.Tensor, pos_g: torch.Tensor, valid: torch.Tensor):
+    """`_positive_ranks` for rows where most entries survive: every entry of ``dist [B, G]`` is placed
+    among its row's sorted positive distances ``pos_d [B, P]`` (gallery indices ``pos_g``) by one
+    batched ``searchsorted``; a ``bincount`` of the buckets gives the ranks ``[B, P]``.
+
+    The positives are interleaved with their float successors in the boundaries, so entries *equal*
+    to a positive fall in their own (odd) bucket; where that bucket holds more than the positive
+    itself, those few entries are looked up and the ones with a smaller gallery index are added.
+    """
+    b, g = dist.shape
+    p = pos_d.shape[1]
+    device = dist.device
+    slot = torch.arange(p, device=device)
+    # first[k]: slot of the first positive with the same distance as positive k (k itself if unique).
+    dup = torch.zeros_like(valid)
+    dup[:, 1:] = (pos_d[:, 1:] == pos_d[:, :-1]) & valid[:, 1:]
+    first = torch.where(dup, 0, slot[None, :]).cummax(1).values
+    # Boundaries pos_k, next(pos_k) per distinct value (a repeated value gets an empty pair next,
+    # next): with right-sided search, an entry below pos_k lands in a bucket <= 2*first[k] and an
+    # entry equal to it in bucket 2*first[k]+1, the only odd buckets.
+    upper = torch.nextafter(pos_d, torch.full_like(pos_d, math.inf))
+    bounds = torch.stack((torch.where(dup, upper, pos_d), upper), dim=2).view(b, 2 * p)
+    buckets = torch.searchsorted(bounds, dist, right=True, out_int32=True)
+    width = 2 * p + 2  # even, so the row offsets keep each bucket's parity
+    buckets.add_(torch.arange(0, b * width, width, device=device, dtype=torch.int32)[:, None])
+    hist = torch.bincount(buckets.view(-1), minlength=b * width).view(b, width)
+    below = hist.cumsum(1).gather(1, 2 * first)  # #valid entries < pos_k
+    equal = hist.gather(1, 2 * first + 1)  # #valid entries == pos_k, the positive itself included
+    ranks = below.masked_fill(~valid, g)
+    tied = ((equal > 1) & valid).any(1)
+    if bool(tied.any()):
+        # Entries tied with pos_k come before it when their gallery index is smaller.
+        rows = tied.nonzero().squeeze(1)
+        sub = buckets if rows.numel() == b else buckets[rows]
+        t, col = (sub & 1).nonzero(as_tuple=True)
+        value_slot = (sub[t, col] - rows[t].to(torch.int32) * width - 1) // 2
+        same = first[rows][t] == value_slot[:, None]  # [M, P]
+        before = same & (col[:, None] < pos_g[rows][t]) & valid[rows][t]
+        extra = torch.zeros(rows.numel(), p, dtype=ranks.dtype, device=device).index_add_(0, t, before.to(ranks.dtype))
+        ranks[rows] = torch.sort(ranks[rows] + extra, dim=1).values
+    return ranks
 
 
 class _MetricAccumulator:
