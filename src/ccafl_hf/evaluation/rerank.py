@@ -15,15 +15,16 @@ each column of the ``N × N`` matrix divided by its maximum, then transposed):
    ``(1 - λ)·jaccard + λ·d̃(q, g)`` for the query × gallery block.
 
 Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sparse (CSR) and only
-the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them from
-exact faiss search (`ccafl_hf.neighbors.exact_knn`), gets ``max_r d(r, i)`` from a farthest-neighbour
-search (cosine: the nearest neighbour of ``-x`` by inner product; Euclidean: a maximum inner product
-of ``[-2x, 1]`` against ``[y, ‖y‖²]``), and produces the re-ranked query × gallery distances one
-chunk of queries at a time, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
+the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them, and
+``max_r d(r, i)``, from one blocked pass over the upper triangle of the ``N × N`` products (each
+block serves its rows and, transposed, its columns; `_neighbours_and_farthest`), and produces the
+re-ranked query × gallery distances one chunk of queries at a time, with the Jaccard term only where
+``S`` is non-zero, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
 
-Ties: the dense path orders neighbours with a stable sort (ties by index); the reference uses numpy's
-default (unstable) sort and faiss its own order, so on exactly tied distances the neighbour sets may
-differ. With continuous features they are the same.
+Ties: both paths order neighbours by distance with ties by index (the dense path by a stable sort,
+the pass by (score, index) keys, computing each pair's product once, so ``i`` and ``j`` see the
+same value); the reference uses numpy's default (unstable) sort, so on exactly tied distances its
+neighbour sets may differ. With continuous features they are the same.
 """
 
 from __future__ import annotations
