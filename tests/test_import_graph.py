@@ -8,10 +8,6 @@ import ccafl_hf
 
 PACKAGE = Path(ccafl_hf.__file__).parent
 
-#: cycles another change removes (evaluation/ranking.py <-> evaluation/rerank.py, issue 27); delete at its merge
-PENDING = {frozenset({"ccafl_hf.evaluation.ranking", "ccafl_hf.evaluation.rerank"})}
-
-
 def _modules() -> dict[str, tuple[Path, bool]]:
     modules = {}
     for path in PACKAGE.rglob("*.py"):
@@ -88,7 +84,7 @@ def test_the_walker_sees_every_kind_of_import():
 
 
 def test_no_import_circle_in_the_package():
-    found = [c for c in cycles(import_graph()) if frozenset(c) not in PENDING]
+    found = cycles(import_graph())
     assert not found, f"import circles: {[sorted(c) for c in found]}"
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ccafl_hf.evaluation import compute_reid_metrics, evaluate_rank, pairwise_distance
+from ccafl_hf.evaluation import compute_reid_metrics, evaluate_rank, pairwise_distance, ranking
 
 
 def slow_protocol(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -216,3 +216,61 @@ def test_bad_input_distmat(changes, match):
     args.update(changes)
     with pytest.raises(ValueError, match=match):
         evaluate_rank(**args)
+
+
+# ------------------------------------------------------------------------ counting kernel versus full sort
+def _integer_case(num_q, num_g, metric="euclidean", num_ids=4, num_cams=3, seed=0):
+    """Features whose products are exact whatever the matrix-product kernel (small integers; for
+    cosine ±1 entries in 4-d, norm 2), so distances tie often: positives with negatives, positives
+    with each other, junk with positives. Few images per id."""
+    rng = np.random.default_rng(seed)
+    if metric == "cosine":
+        qf = rng.choice([-1.0, 1.0], (num_q, 4)).astype(np.float32)
+        gf = rng.choice([-1.0, 1.0], (num_g, 4)).astype(np.float32)
+    else:
+        qf = rng.integers(-3, 4, (num_q, 3)).astype(np.float32)
+        gf = rng.integers(-3, 4, (num_g, 3)).astype(np.float32)
+    q_pids, g_pids = rng.integers(1, num_ids + 2, num_q), rng.integers(0, num_ids + 1, num_g)
+    q_cams, g_cams = rng.integers(0, num_cams, num_q), rng.integers(0, num_cams, num_g)
+    return qf, gf, q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("survivors", ["sparse", "dense"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize(("num_q", "num_g", "max_rank"), [(40, 150, 20), (25, 6, 10), (12, 3, 50)])
+def test_counting_matches_full_sort_with_ties(monkeypatch, survivors, metric, num_q, num_g, max_rank):
+    """The survivor count (and the whole-row search used when most entries survive) equals a full
+    stable sort of every row: ties everywhere, same-camera junk, queries without a valid positive
+    (skipped), and galleries smaller than max_rank."""
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0 if survivors == "sparse" else -1.0)
+    for seed in range(2):
+        qf, gf, q_pids, g_pids, q_cams, g_cams = _integer_case(num_q, num_g, metric, seed=seed)
+        distmat = pairwise_distance(qf, gf, metric).numpy()
+        if not np.any((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])):
+            continue
+        expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+        assert len(np.unique(distmat)) < distmat.size  # tied distances
+        assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank), expected)
+        for chunk in (None, 3):
+            got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric,
+                                       max_rank=max_rank, chunk_size=chunk)
+            assert_same(got, expected)
+
+
+@pytest.mark.parametrize("survivors", ["sparse", "dense"])
+def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, survivors):
+    """Hand-made rows: a negative and a junk entry at exactly a positive's distance, before and after
+    it in gallery order, and two positives at one distance."""
+    q_pids, q_cams = np.array([1, 2]), np.array([0, 0])
+    g_pids = np.array([3, 1, 1, 1, 0, 1, 2, 2])
+    g_cams = np.array([1, 1, 0, 2, 1, 1, 1, 1])
+    distmat = np.array([[0.5, 0.5, 0.5, 0.2, 0.5, 0.5, 0.9, 0.1],
+                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=np.float32)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0 if survivors == "sparse" else -1.0)
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)
+    got = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)
+    assert_same(got, expected)
+    # query 1: order 7, 3(+), 0, 1(+), [2 junk], 4, 5(+), 6 -> ranks 1, 3, 5 among valid entries
+    ap1 = (1 / 2 + 2 / 4 + 3 / 6) / 3
+    ap2 = (1 / 7 + 2 / 8) / 2  # query 2: all tied, its positives are the last two
+    assert got["mAP"] == pytest.approx((ap1 + ap2) / 2, abs=1e-12)

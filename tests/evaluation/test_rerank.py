@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from ccafl_hf.evaluation import (
+    KReciprocalDistances,
     compute_reid_metrics,
     evaluate_rank,
     pairwise_distance,
     rerank_distances,
     rerank_from_features,
 )
+from ccafl_hf.evaluation import rerank as rerank_module
 
 
 def reference_re_ranking(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3):
@@ -171,3 +173,89 @@ def test_bad_features():
         rerank_from_features(torch.randn(3, 2), torch.randn(3, 4))
     with pytest.raises(ValueError, match="metric"):
         rerank_from_features(torch.randn(3, 2), torch.randn(3, 2), metric="dot")
+
+
+# ---------------------------------------------------------------- one-pass neighbours versus a full sort
+def _integer_features(n, dim=3, levels=2, seed=0):
+    """Small-integer features: every product is exact, so scores tie often and exact duplicates occur."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(-levels, levels + 1, (n, dim)).astype(np.float32))
+
+
+def slow_neighbours(x, k, metric):
+    """Dense scores, each row fully sorted (score descending, equal scores by index); max distance²."""
+    xd = x.double().numpy()
+    dots = xd @ xd.T
+    sq = np.einsum("ij,ij->i", xd, xd)
+    score = dots if metric == "cosine" else 2 * dots - sq[None, :]
+    order = np.stack([np.lexsort((np.arange(len(row)), -row)) for row in score])
+    far = np.maximum(1 - score.min(1), 0) ** 2 if metric == "cosine" else np.maximum(sq - score.min(1), 0)
+    return order[:, :k], far
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("block", [4, 7, 1024])
+@pytest.mark.parametrize(("n", "k"), [(60, 9), (13, 21), (5, 5)])
+def test_one_pass_neighbours_match_full_sort(monkeypatch, metric, block, n, k):
+    """Exact neighbour lists with ties broken by index (duplicates, tied scores), the farthest
+    distance, whether the pair sits on a diagonal or an off-diagonal block, and k >= N."""
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", block)
+    x = _integer_features(n, seed=n + block)
+    x[n // 2] = x[0]  # an exact duplicate
+    k = min(k, n)
+    neighbours, farthest = rerank_module._neighbours_and_farthest(x, k, metric)
+    expected, expected_far = slow_neighbours(x, k, metric)
+    np.testing.assert_array_equal(neighbours.numpy(), expected)
+    np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_one_pass_neighbours_continuous_features(monkeypatch, metric):
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 16)
+    x = torch.nn.functional.normalize(torch.randn(100, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    if metric == "euclidean":
+        x = x * torch.linspace(0.5, 3, 100)[:, None]
+    neighbours, farthest = rerank_module._neighbours_and_farthest(x, 21, metric)
+    expected, expected_far = slow_neighbours(x, 21, metric)
+    np.testing.assert_array_equal(neighbours.numpy(), expected)
+    np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("num_q", "num_g", "k1", "k2"), [(12, 40, 6, 3), (4, 9, 20, 6)])
+def test_sparse_matches_dense_with_ties(monkeypatch, num_q, num_g, k1, k2):
+    """Euclidean distances of integer features tie exactly; the dense path sorts them stably, the
+    one-pass search breaks them by index too: same neighbours, same re-ranked distances and metrics,
+    also when the whole set is smaller than k1 + 1."""
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 8)
+    x = _integer_features(num_q + num_g, seed=num_g)
+    qf, gf = x[:num_q], x[num_q:]
+    dense = rerank_distances(*_dense(qf, gf, "euclidean"), k1=k1, k2=k2, lambda_value=0.3)
+    reranked = rerank_from_features(qf, gf, k1, k2, 0.3, metric="euclidean")
+    assert isinstance(reranked, KReciprocalDistances)
+    np.testing.assert_allclose(reranked.to_dense(), dense, atol=1e-5, rtol=0)
+    rng = np.random.default_rng(num_q)
+    q_pids, g_pids = rng.integers(1, 4, num_q), rng.integers(0, 4, num_g)
+    q_cams, g_cams = rng.integers(0, 2, num_q), rng.integers(0, 2, num_g)
+    q_pids[0] = 9  # a query without any valid positive
+    expected = evaluate_rank(dense, q_pids, g_pids, q_cams, g_cams, max_rank=15)
+    assert expected["num_skipped_queries"] >= 1
+    for chunk in (None, 3):
+        got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric="euclidean", rerank=True,
+                                   k1=k1, k2=k2, max_rank=15, chunk_size=chunk)
+        for key in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_one_pass_on_gpu_if_available():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    cpu = rerank_module._neighbours_and_farthest(x, 21, "cosine")
+    gpu = rerank_module._neighbours_and_farthest(x.cuda(), 21, "cosine")
+    np.testing.assert_array_equal(gpu[0].cpu().numpy(), cpu[0].numpy())
+    np.testing.assert_allclose(gpu[1].cpu().numpy(), cpu[1].numpy(), rtol=1e-5, atol=1e-6)
+    qf, gf = x[:100], x[100:]
+    ids = np.arange(100) % 20, np.arange(200) % 20, np.zeros(100, int), np.ones(200, int)
+    on_cpu = compute_reid_metrics(qf, gf, *ids, rerank=True)
+    on_gpu = compute_reid_metrics(qf.cuda(), gf.cuda(), *ids, rerank=True)
+    assert on_gpu["mAP"] == pytest.approx(on_cpu["mAP"], abs=1e-6)

@@ -8,102 +8,47 @@ skipped and counted. Every metric is a function of the 0-based ranks ``r_1 < …
 
 * AP = (1/n) Σ_k k / (r_k + 1);  CMC@K = 1 if r_1 < K;  INP = n / (r_n + 1)  (Ye et al., TPAMI 2021).
 
-So no row is ever sorted. Queries are processed in chunks; for a chunk the distances to the whole
-gallery are computed (one ``addmm``), same-camera same-identity entries are set to ``+inf``, the few
-positive distances are sorted, and one batched ``torch.searchsorted`` of the row against them (plus
-a ``bincount``) gives, for each positive, how many valid gallery entries lie below it - its rank.
+So no row is ever sorted: the ranks are counts. Queries are processed in chunks; for a chunk the
+distances to the whole gallery are computed (one ``addmm``), same-camera same-identity entries are
+set to ``+inf`` and the few positive distances are sorted. Only gallery entries no farther than the
+query's last positive can come before any positive, so one comparison pass keeps those (about 1 %
+of a row on MSMT17-like data); each survivor is placed among its row's sorted positives by one
+``searchsorted`` over integer (row, distance-rank) keys, and a ``bincount`` of the placements,
+summed cumulatively, is each positive's rank.
 
-Ties are broken as a **stable** ascending sort of the row would: by gallery index. The positives are
-interleaved with their float successors in the searchsorted boundaries, so entries *equal* to a
-positive fall in their own (odd) bucket; in the rare rows where that bucket holds more than the
-positive itself, those few entries are looked up and the ones with a smaller gallery index are added
-to the rank. The dense `evaluate_rank` uses the same kernel, so both agree exactly, ties included.
+Ties are broken as a **stable** ascending sort of the row would: by gallery index. A survivor at the
+same distance as some positives (found by that search) comes before those with a larger gallery
+index only. The dense `evaluate_rank` uses the same kernel, so both agree exactly, ties included.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .distances import (
+    ArrayLike,
+    DistanceMetric,
+    _as_tensor,
+    check_feature_pair,
+    check_ids,
+    check_metric,
+    count_nonzero,
+    flat_nonzero,
+    pairwise_distance,
+    prepare_features,
+)
+from .rerank import rerank_from_features
 
 logger = logging.getLogger(__name__)
 
-DistanceMetric = Literal["cosine", "euclidean"]
-_METRICS = ("cosine", "euclidean")
-# Bytes of scratch (distances + int32 bucket ids) per query chunk when chunk_size is None.
+# Bytes of scratch per query chunk when chunk_size is None (distances + comparison mask, with room to spare).
 _CHUNK_BYTES = 512 * 2**20
-
-ArrayLike = Any  # numpy array, torch tensor or a sequence of numbers
-
-
-# ----------------------------------------------------------------------------------------- input checks
-def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # re-raised with the argument's name
-        raise ValueError(f"{name} must be a numpy array, a torch tensor or a sequence of numbers") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
-        raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def check_features(x: ArrayLike, name: str) -> torch.Tensor:
-    """Validate features ``[N, D]``: 2-D, non-empty, finite real numbers. Returns a float tensor.
-
-    float64 stays float64; every other dtype becomes float32 (half-precision products lose ranks).
-    """
-    t = _as_tensor(x, name)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [num_images, dim], got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} is empty: expected at least one row [num_images >= 1, dim]")
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one feature column, got shape {tuple(t.shape)}")
-    if t.is_complex():
-        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if t.dtype != torch.float64:
-        t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values; expected finite features")
-    return t
-
-
-def check_feature_pair(query_features: ArrayLike, gallery_features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated ``query_features [Q, D]`` and ``gallery_features [G, D]`` (same ``D``) as tensors."""
-    qf = check_features(query_features, "query_features")
-    gf = check_features(gallery_features, "gallery_features")
-    if qf.shape[1] != gf.shape[1]:
-        raise ValueError(
-            f"query_features and gallery_features must have the same dimension, got {qf.shape[1]} and {gf.shape[1]}"
-        )
-    return qf, gf
-
-
-def check_ids(x: ArrayLike, name: str, length: int, length_of: str, device: torch.device) -> torch.Tensor:
-    """Validate a 1-D vector of integer ids with ``length`` entries; returns int64 on ``device``."""
-    t = _as_tensor(x, name)
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of integer ids, got shape {tuple(t.shape)}")
-    if t.is_floating_point():
-        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
-            raise ValueError(f"{name} must hold integer ids, got non-integer values (dtype {t.dtype})")
-    elif t.is_complex():
-        raise ValueError(f"{name} must hold integer ids, got dtype {t.dtype}")
-    if t.shape[0] != length:
-        raise ValueError(f"{name} has {t.shape[0]} entries but {length_of} has {length}; they must match")
-    return t.to(device=device, dtype=torch.int64)
-
-
-def check_metric(metric: str) -> str:
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    return metric
+# Above this fraction of surviving entries a chunk is ranked by one search of whole rows instead.
+_DENSE_SURVIVORS = 0.25
 
 
 def _check_max_rank(max_rank: int) -> int:
@@ -118,42 +63,6 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
-
-
-# -------------------------------------------------------------------------------------------- distances
-def prepare_features(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """Features ready for `pairwise_distance(..., prepared=True)`: L2-normalised rows for cosine."""
-    return F.normalize(x, dim=1) if metric == "cosine" else x
-
-
-def pairwise_distance(
-    x: ArrayLike,
-    y: ArrayLike,
-    metric: DistanceMetric = "cosine",
-    *,
-    prepared: bool = False,
-    y_sq_norms: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Distances ``[M, N]`` between the rows of ``x [M, D]`` and ``y [N, D]``.
-
-    ``"cosine"``: ``1 - cos`` (rows are L2-normalised first unless ``prepared``); ``"euclidean"``:
-    the Euclidean distance ``‖x - y‖₂`` (not squared). Computed with one ``addmm`` on the inputs'
-    device; ``out`` (``[M, N]``, contiguous) avoids an allocation. ``y_sq_norms [N]`` may be passed
-    to skip recomputing ``‖y‖²`` for Euclidean distances.
-    """
-    metric = check_metric(metric)
-    if not prepared:
-        x = prepare_features(check_features(x, "x"), metric)
-        y = prepare_features(check_features(y, "y"), metric).to(device=x.device, dtype=x.dtype)
-        if x.shape[1] != y.shape[1]:
-            raise ValueError(f"x and y must have the same feature dimension, got {x.shape[1]} and {y.shape[1]}")
-    if metric == "cosine":
-        return torch.addmm(x.new_ones(()), x, y.T, beta=1.0, alpha=-1.0, out=out)
-    if y_sq_norms is None:
-        y_sq_norms = y.pow(2).sum(1)
-    d = torch.addmm(y_sq_norms[None, :], x, y.T, beta=1.0, alpha=-2.0, out=out)
-    return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
 # ----------------------------------------------------------------------------------- gallery by identity
@@ -199,39 +108,79 @@ class _GalleryIndex:
 
 # ------------------------------------------------------------------------------------ the ranking kernel
 def _positive_ranks(
-    dist: torch.Tensor, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor, bucket_buf: torch.Tensor
+    dist: torch.Tensor, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of each query's positives among its valid gallery entries.
 
     ``dist [B, G]`` (contiguous, finite; modified in place: junk entries become ``+inf``), ``index
-    [B, P]`` gallery indices with masks ``positive``/``junk [B, P]``, ``bucket_buf`` int32 scratch
-    ``>= B*G``.
+    [B, P]`` gallery indices with masks ``positive``/``junk [B, P]``.
     Returns ``(ranks [B, P] int64 ascending, padded with G; num_positives [B])``; ties are broken by
     gallery index (stable-sort order).
     """
     b, g = dist.shape
+    p = index.shape[1]
     device = dist.device
     if bool(junk.any()):
         rows, cols = junk.nonzero(as_tuple=True)
         dist[rows, index[rows, cols]] = math.inf
     pos_d = dist.gather(1, index).masked_fill_(~positive, math.inf)
-    pos_d, order = torch.sort(pos_d, dim=1, stable=True)
+    pos_d, order = torch.sort(pos_d, dim=1, stable=True)  # equal distances: by gallery index
     pos_g = index.gather(1, order)
     num_pos = positive.sum(1)
-    p = index.shape[1]
+    valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
+    # Survivors: entries no farther than the row's last positive (junk is +inf, never kept).
+    last = pos_d.gather(1, (num_pos - 1).clamp_(min=0)[:, None]).masked_fill_(num_pos[:, None] == 0, -math.inf)
+    mask = torch.le(dist, last)
+    if count_nonzero(mask) > _DENSE_SURVIVORS * b * g:  # features close to random: most entries survive
+        return _ranks_by_row_search(dist, pos_d, pos_g, valid), num_pos
+    flat = flat_nonzero(mask)
+    rows = flat // g
+    values = dist.view(-1)[flat]
+    # slot: how many of the row's positives lie at or before the survivor (distance <=), by a
+    # branch-free binary search in the row's sorted positives (padding is +inf, never <=).
+    flat_pos = pos_d.view(-1)
+    base = rows * p
+    slot = torch.zeros_like(rows)
+    step = 1 << (p.bit_length() - 1)
+    while step:
+        probe = (slot + step).clamp_(max=p)
+        slot += (probe - slot) * (flat_pos[base + probe - 1] <= values)
+        step >>= 1
+    prev = pos_d[rows, (slot - 1).clamp_(min=0)]
+    tied = ((slot > 0) & (prev == values)).nonzero().squeeze(1)
+    if tied.numel():
+        # Equal distances: the survivor comes after the positives with a smaller or equal gallery index.
+        t_rows, t_cols = rows[tied], flat[tied] - rows[tied] * g
+        later = (pos_d[t_rows] == values[tied, None]) & (pos_g[t_rows] > t_cols[:, None]) & valid[t_rows]
+        slot[tied] -= later.sum(1)
+    hist = torch.bincount(rows * (p + 1) + slot, minlength=b * (p + 1)).view(b, p + 1)
+    ranks = hist.cumsum(1)[:, :p].masked_fill_(~valid, g)  # #entries before positive k
+    return ranks, num_pos
+
+
+def _ranks_by_row_search(dist: torch.Tensor, pos_d: torch.Tensor, pos_g: torch.Tensor, valid: torch.Tensor):
+    """`_positive_ranks` for rows where most entries survive: every entry of ``dist [B, G]`` is placed
+    among its row's sorted positive distances ``pos_d [B, P]`` (gallery indices ``pos_g``) by one
+    batched ``searchsorted``; a ``bincount`` of the buckets gives the ranks ``[B, P]``.
+
+    The positives are interleaved with their float successors in the boundaries, so entries *equal*
+    to a positive fall in their own (odd) bucket; where that bucket holds more than the positive
+    itself, those few entries are looked up and the ones with a smaller gallery index are added.
+    """
+    b, g = dist.shape
+    p = pos_d.shape[1]
+    device = dist.device
     slot = torch.arange(p, device=device)
-    valid = slot[None, :] < num_pos[:, None]
     # first[k]: slot of the first positive with the same distance as positive k (k itself if unique).
     dup = torch.zeros_like(valid)
     dup[:, 1:] = (pos_d[:, 1:] == pos_d[:, :-1]) & valid[:, 1:]
     first = torch.where(dup, 0, slot[None, :]).cummax(1).values
-    # Boundaries pos_k, next(pos_k) per distinct value (a repeated value gets an empty pair
-    # next, next): with right-sided search, an entry below pos_k lands in a bucket <= 2*first[k]
-    # and an entry equal to it in bucket 2*first[k]+1, the only odd buckets.
+    # Boundaries pos_k, next(pos_k) per distinct value (a repeated value gets an empty pair next,
+    # next): with right-sided search, an entry below pos_k lands in a bucket <= 2*first[k] and an
+    # entry equal to it in bucket 2*first[k]+1, the only odd buckets.
     upper = torch.nextafter(pos_d, torch.full_like(pos_d, math.inf))
     bounds = torch.stack((torch.where(dup, upper, pos_d), upper), dim=2).view(b, 2 * p)
-    buckets = bucket_buf[: b * g].view(b, g)
-    torch.searchsorted(bounds, dist, right=True, out_int32=True, out=buckets)
+    buckets = torch.searchsorted(bounds, dist, right=True, out_int32=True)
     width = 2 * p + 2  # even, so the row offsets keep each bucket's parity
     buckets.add_(torch.arange(0, b * width, width, device=device, dtype=torch.int32)[:, None])
     hist = torch.bincount(buckets.view(-1), minlength=b * width).view(b, width)
@@ -249,7 +198,7 @@ def _positive_ranks(
         before = same & (col[:, None] < pos_g[rows][t]) & valid[rows][t]
         extra = torch.zeros(rows.numel(), p, dtype=ranks.dtype, device=device).index_add_(0, t, before.to(ranks.dtype))
         ranks[rows] = torch.sort(ranks[rows] + extra, dim=1).values
-    return ranks, num_pos
+    return ranks
 
 
 class _MetricAccumulator:
@@ -353,13 +302,12 @@ def evaluate_rank(
     queries = _select_valid_queries(index, num_q)
     chunk = min(_auto_chunk(num_g, d.element_size()), queries.numel())
     dist_buf = torch.empty(chunk * num_g, dtype=d.dtype, device=d.device)
-    bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=d.device)
     acc = _MetricAccumulator(max_rank, d.device)
     for rows in queries.split(chunk):
         dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
         torch.index_select(d, 0, rows, out=dist)
         idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
+        acc.add(*_positive_ranks(dist, idx, positive, junk))
     return acc.result(num_q)
 
 
@@ -408,8 +356,6 @@ def compute_reid_metrics(
     gf = prepare_features(gf, metric)
     reranker = None
     if rerank:
-        from .rerank import rerank_from_features
-
         reranker = rerank_from_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
                                         prepared=True)
     g_sq = gf.pow(2).sum(1) if metric == "euclidean" else None
@@ -417,7 +363,6 @@ def compute_reid_metrics(
     chunk = chunk_size or _auto_chunk(num_g, 16 if rerank else qf.element_size())
     chunk = min(chunk, queries.numel())
     dist_buf = torch.empty(0 if rerank else chunk * num_g, dtype=dtype, device=qf.device)
-    bucket_buf = torch.empty(chunk * num_g, dtype=torch.int32, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
     for rows in queries.split(chunk):
         if reranker is None:
@@ -426,7 +371,7 @@ def compute_reid_metrics(
         else:
             dist = reranker.distances(rows).contiguous()
         idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk, bucket_buf))
+        acc.add(*_positive_ranks(dist, idx, positive, junk))
     return acc.result(num_q)
 
 

@@ -15,20 +15,22 @@ each column of the ``N × N`` matrix divided by its maximum, then transposed):
    ``(1 - λ)·jaccard + λ·d̃(q, g)`` for the query × gallery block.
 
 Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sparse (CSR) and only
-the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them from
-exact faiss search (`ccafl_hf.neighbors.exact_knn`), gets ``max_r d(r, i)`` from a farthest-neighbour
-search (cosine: the nearest neighbour of ``-x`` by inner product; Euclidean: a maximum inner product
-of ``[-2x, 1]`` against ``[y, ‖y‖²]``), and produces the re-ranked query × gallery distances one
-chunk of queries at a time, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
+the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them, and
+``max_r d(r, i)``, from one blocked pass over the upper triangle of the ``N × N`` products (each
+block serves its rows and, transposed, its columns; `_neighbours_and_farthest`), and produces the
+re-ranked query × gallery distances one chunk of queries at a time, with the Jaccard term only where
+``S`` is non-zero, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
 
-Ties: the dense path orders neighbours with a stable sort (ties by index); the reference uses numpy's
-default (unstable) sort and faiss its own order, so on exactly tied distances the neighbour sets may
-differ. With continuous features they are the same.
+Ties: both paths order neighbours by distance with ties by index (the dense path by a stable sort,
+the pass by (score, index) keys, computing each pair's product once, so ``i`` and ``j`` see the
+same value); the reference uses numpy's default (unstable) sort, so on exactly tied distances its
+neighbour sets may differ. With continuous features they are the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +39,12 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from ..neighbors import exact_knn
-from .ranking import (
+from .distances import (
     ArrayLike,
     DistanceMetric,
     check_feature_pair,
     check_metric,
+    flat_nonzero,
     pairwise_distance,
     prepare_features,
 )
@@ -52,9 +54,11 @@ logger = logging.getLogger(__name__)
 # Rows of the neighbour structure processed per block while building the expanded sets.
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
-_PAIR_BLOCK = 1 << 16
+_PAIR_BLOCK = 1 << 12
 # Target number of (query, shared column, gallery) triples per Jaccard block.
 _TRIPLE_BLOCK = 1 << 23
+# Side of the square blocks of the one-pass neighbour search.
+_KNN_BLOCK = 1024
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -123,7 +127,8 @@ def _expanded_sets(neighbours: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndar
         accept = shared > (2.0 / 3.0) * h_size[edge_c]
         blocks.append(r_keys[e_lo:e_hi])
         blocks.append(cand[accept[seg]])
-    keys = np.unique(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    keys = np.sort(np.concatenate(blocks)) if blocks else np.zeros(0, np.int64)
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if keys.size else keys
     rows = keys // n
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
@@ -156,35 +161,54 @@ def _encode(
     return v
 
 
-def _overlap(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> np.ndarray:
-    """``S[a, b] = Σ_j min(v_rows[a, j], v_cols_t[j, b])`` as a dense float32 ``[A, B]`` array.
+def _overlap_entries(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of ``S[a, b] = Σ_j min(v_rows[a, j], v_cols_t[j, b])``.
 
-    ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Work
-    is proportional to the number of (row, shared column, column-side entry) triples.
+    ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Returns
+    ``(keys, values)``: flat positions ``a * B + b`` (int64, ascending, unique) and ``S`` there
+    (float32, summed in float64 in (a, j) order). Work is proportional to the number of (row, shared
+    column, column-side entry) triples, never to ``A × B``.
     """
-    a_num, b_num = v_rows.shape[0], v_cols_t.shape[1]
-    out = np.zeros((a_num, b_num), dtype=np.float32)
+    b_num = v_cols_t.shape[1]
+    key_parts, value_parts = [], []
     nnz_per_row = np.diff(v_rows.indptr)
     col_count = np.diff(v_cols_t.indptr)
     cum = np.concatenate(([0], np.cumsum(col_count[v_rows.indices])))
     triples = cum[v_rows.indptr[1:]] - cum[v_rows.indptr[:-1]]  # [A]
     block_of_row = (np.cumsum(triples) - triples) // _TRIPLE_BLOCK
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [a_num]))
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [v_rows.shape[0]]))
     for lo, hi in zip(starts[:-1], starts[1:]):
         e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
         cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
-        row = np.repeat(np.arange(hi - lo, dtype=np.int64), nnz_per_row[lo:hi])
+        row = np.repeat(np.arange(lo, hi, dtype=np.int64), nnz_per_row[lo:hi])
         seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
-        shared = np.minimum(vals[seg], v_cols_t.data[pos])
         keys = row[seg] * b_num + v_cols_t.indices[pos]
-        out[lo:hi] = np.bincount(keys, weights=shared, minlength=(hi - lo) * b_num).reshape(hi - lo, b_num)
-    return out
+        order = np.argsort(keys, kind="stable")  # a key's triples keep their order: same float64 sums
+        keys = keys[order]
+        first = np.concatenate(([True], keys[1:] != keys[:-1]))
+        shared = np.minimum(vals[seg[order]], v_cols_t.data[pos[order]])
+        key_parts.append(keys[first])
+        value_parts.append(np.bincount(np.cumsum(first) - 1, weights=shared).astype(np.float32))
+    if not key_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(key_parts), np.concatenate(value_parts)
 
 
 def _combine(overlap: np.ndarray | torch.Tensor, original: np.ndarray | torch.Tensor, lambda_value: float):
     """Final distance ``(1 - λ)·(1 - S / (2 - S)) + λ·d̃`` (float32, as the reference)."""
     jaccard = 1 - overlap / (2.0 - overlap)
     return jaccard * (1 - lambda_value) + original * lambda_value
+
+
+def _rerank_block(original: torch.Tensor, keys: np.ndarray, overlap: np.ndarray, lambda_value: float) -> torch.Tensor:
+    """Re-ranked distances from ``original [A, B]`` (``d̃``, float32, overwritten and returned) and the
+    non-zero overlaps (`_overlap_entries`). Where ``S = 0`` the Jaccard distance is exactly 1, so the
+    dense work is ``λ·d̃ + (1 - λ)``, the same float32 operations as `_combine` there."""
+    index = torch.from_numpy(keys).to(original.device)
+    touched = _combine(torch.from_numpy(overlap).to(original.device), original.view(-1)[index], lambda_value)
+    original.mul_(lambda_value).add_(1 - lambda_value)
+    original.view(-1)[index] = touched
+    return original
 
 
 # ----------------------------------------------------------------------------------------- dense path
@@ -232,8 +256,9 @@ def rerank_distances(
     for lo in range(0, n, step):
         neighbours[lo : lo + step] = np.argsort(original[lo : lo + step], axis=1, kind="stable")[:, :width]
     v = _encode(neighbours, k1, k2, lambda r, c: original[r, c])
-    overlap = _overlap(v[:num_q], v[num_q:].T.tocsr())
-    return _combine(overlap, original[:num_q, num_q:], lambda_value).astype(np.float32)
+    keys, overlap = _overlap_entries(v[:num_q], v[num_q:].T.tocsr())
+    query_gallery = torch.from_numpy(np.ascontiguousarray(original[:num_q, num_q:]))
+    return _rerank_block(query_gallery, keys, overlap, lambda_value).numpy()
 
 
 # ------------------------------------------------------------------------------------ from features
@@ -267,24 +292,113 @@ class KReciprocalDistances:
         q = self.query_features[rows_t.to(device)]
         d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True).to(torch.float32)
         original = d.pow_(2).div_(self.query_scale.to(device)[rows_t.to(device), None])
-        overlap = torch.from_numpy(_overlap(self.query_encoding[rows_np], self.gallery_encoding_t)).to(device)
-        return _combine(overlap, original, self.lambda_value)
+        keys, overlap = _overlap_entries(self.query_encoding[rows_np], self.gallery_encoding_t)
+        return _rerank_block(original, keys, overlap, self.lambda_value)
 
     def to_dense(self) -> np.ndarray:
         """All re-ranked distances ``[Q, G]`` as float32 numpy."""
         return self.distances(slice(None)).cpu().numpy()
 
 
-def _farthest_sq_distance(x: np.ndarray, metric: str, use_gpu: bool | None) -> np.ndarray:
-    """``max_j d(i, j)²`` over all rows ``j`` of ``x [N, D]`` (prepared features), float32 ``[N]``."""
+# Lower 32 bits of a neighbour key: 0xFFFFFFFF - index, so that equal scores rank the smaller index first.
+_INDEX_MASK = 0xFFFFFFFF
+
+
+def _score_keys(score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (float32 ``score`` descending, ``index`` ascending) when sorted descending."""
+    bits = (score + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 and +0.0 are one value
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered << 32) + (_INDEX_MASK - index)
+
+
+def _key_scores(keys: torch.Tensor) -> torch.Tensor:
+    ordered = keys >> 32
+    return torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32).view(torch.float32)
+
+
+def _merge_candidates(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """Fold candidate ``keys`` of state ``rows`` into ``best [N, k]`` (keys, descending); returns the
+    updated rows (or None)."""
+    if rows.numel() == 0:
+        return None
+    order = torch.argsort(rows, stable=True)
+    rows, keys = rows[order], keys[order]
+    touched, counts = torch.unique_consecutive(rows, return_counts=True)
+    seg = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[seg]
+    padded = torch.full((touched.numel(), int(counts.max())), torch.iinfo(torch.int64).min, device=rows.device)
+    padded[seg, pos] = keys
+    merged = torch.cat((best[touched], padded), dim=1)
+    best[touched] = torch.topk(merged, best.shape[1], dim=1).values
+    return touched
+
+
+def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``k`` nearest neighbours and farthest squared distance of every row of ``x [N, D]``.
+
+    One pass over the upper triangle of the ``N × N`` score matrix in ``_KNN_BLOCK``-square blocks:
+    each block serves its rows and, transposed, its columns. Score (larger = nearer): the inner
+    product for cosine (prepared features), ``2 x·y - ‖y‖²`` for Euclidean. A row keeps its ``k`` best
+    (score, index) pairs, equal scores by smaller index (the item itself is among them); only entries
+    at least as good as the row's current ``k``-th are merged. Returns ``(neighbours [N, k]`` int64,
+    nearest first; ``max_j d(i, j)² [N]`` float32), on ``x``'s device.
+    """
+    n = x.shape[0]
+    device = x.device
+    sq = x.pow(2).sum(1) if metric == "euclidean" else None
+    init = _score_keys(torch.tensor([-math.inf], device=device), torch.tensor([_INDEX_MASK], device=device))
+    best = init.expand(n, k).clone()
+    kth = torch.full((n,), -math.inf, device=device)  # score of each row's current k-th neighbour
+    lowest = torch.full((n,), math.inf, device=device)  # smallest score of each row: the farthest item
+
+    def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
+        # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
+        if transposed:
+            lowest[cols0 : cols0 + score.shape[1]] = torch.minimum(lowest[cols0 : cols0 + score.shape[1]],
+                                                                   score.amin(0))
+            flat = flat_nonzero(torch.ge(score, kth[None, cols0 : cols0 + score.shape[1]]))
+            r, c = flat // score.shape[1], flat % score.shape[1]
+            state, item = c + cols0, r + rows0
+        else:
+            lowest[rows0 : rows0 + score.shape[0]] = torch.minimum(lowest[rows0 : rows0 + score.shape[0]],
+                                                                   score.amin(1))
+            flat = flat_nonzero(torch.ge(score, kth[rows0 : rows0 + score.shape[0], None]))
+            r, c = flat // score.shape[1], flat % score.shape[1]
+            state, item = r + rows0, c + cols0
+        touched = _merge_candidates(best, state, _score_keys(score[r, c], item))
+        if touched is not None:
+            kth[touched] = _key_scores(best[touched, k - 1])
+
+    block = _KNN_BLOCK
+    buf = torch.empty(min(block, n), min(block, n), dtype=x.dtype, device=device)
+    # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
+    # thresholds are tight before the off-diagonal blocks, where few entries pass them.
+    for i0 in range(0, n, block):
+        xi = x[i0 : i0 + block]
+        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0], : xi.shape[0]])
+        score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
+        lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
+        item = torch.arange(i0, i0 + xi.shape[0], device=device)
+        keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
+        best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
+        kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
+    for i0 in range(0, n, block):
+        xi = x[i0 : i0 + block]
+        for j0 in range(i0 + block, n, block):
+            xj = x[j0 : j0 + block]
+            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0], : xj.shape[0]])
+            if metric == "cosine":
+                fold(s, i0, j0, False)
+                fold(s, i0, j0, True)
+            else:
+                fold(2.0 * s - sq[None, j0 : j0 + xj.shape[0]], i0, j0, False)
+                fold(2.0 * s - sq[i0 : i0 + xi.shape[0], None], i0, j0, True)
+    neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
-        score, _ = exact_knn(-x, x, 1, "ip", use_gpu)  # max_j -x_i·x_j = -min cos
-        return np.square(np.maximum(1.0 + score[:, 0], 0.0)).astype(np.float32)
-    sq = np.einsum("ij,ij->i", x, x)
-    query = np.concatenate((-2.0 * x, np.ones((x.shape[0], 1), x.dtype)), axis=1)
-    base = np.concatenate((x, sq[:, None]), axis=1)
-    score, _ = exact_knn(query, base, 1, "ip", use_gpu)  # max_j ‖x_j‖² - 2 x_i·x_j
-    return np.maximum(sq + score[:, 0], 0.0).astype(np.float32)
+        farthest = (1.0 - lowest).clamp_(min=0.0).square_()
+    else:
+        farthest = (sq - lowest).clamp_(min=0.0)
+    return neighbours, farthest
 
 
 def rerank_from_features(
@@ -301,9 +415,11 @@ def rerank_from_features(
     """k-reciprocal re-ranking from features ``[Q, D]`` and ``[G, D]`` without any ``(Q+G)²`` matrix.
 
     Equivalent to ``rerank_distances(pairwise_distance(q, g), pairwise_distance(q, q),
-    pairwise_distance(g, g), k1, k2, lambda_value)`` for the same ``metric``, but uses exact faiss
-    search (``use_gpu`` as in `ccafl_hf.neighbors.exact_knn`) and sparse encodings; memory is
-    ``O((Q+G)·k1·k2)`` plus one chunk of queries at a time. ``prepared``: the features are already
+    pairwise_distance(g, g), k1, k2, lambda_value)`` for the same ``metric``, but finds the exact
+    nearest and farthest neighbours in one blocked pass over the upper triangle of the ``(Q+G)²``
+    products (never held) and uses sparse encodings; memory is ``O((Q+G)·k1·k2)`` plus one chunk of
+    queries at a time. ``use_gpu``: run that pass on the GPU (``True``, needs CUDA), on the CPU
+    (``False``) or where the query features are (``None``). ``prepared``: the features are already
     prepared for ``metric`` (`prepare_features`: L2-normalised for cosine). Returns a
     `KReciprocalDistances`.
     """
@@ -314,24 +430,31 @@ def rerank_from_features(
         qf, gf = prepare_features(qf, metric), prepare_features(gf, metric)
     gf = gf.to(device=qf.device, dtype=qf.dtype)
     num_q = qf.shape[0]
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("use_gpu=True but torch sees no CUDA device here")
+    device = qf.device if use_gpu is None else torch.device("cuda" if use_gpu else "cpu")
     x_t = torch.cat((qf, gf)).to("cpu", torch.float32)
-    x = x_t.numpy()
-    n = x.shape[0]
+    n = x_t.shape[0]
     width = min(n, max(k1 + 1, k2))
     start = time.perf_counter()
-    _, neighbours = exact_knn(x, x, width, "l2" if metric == "euclidean" else "ip", use_gpu)
-    scale = _farthest_sq_distance(x, metric, use_gpu)
-    logger.info("re-ranking: exact %d-NN and farthest-neighbour search over %d items in %.1f s",
+    neighbours, scale = _neighbours_and_farthest(x_t.to(device), width, metric)
+    neighbours, scale = neighbours.cpu().numpy(), scale.cpu().numpy()
+    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.1f s",
                 width, n, time.perf_counter() - start)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
+
+    left = torch.empty(_PAIR_BLOCK, x_t.shape[1])  # reused gather buffers: no fresh pages per block
+    right = torch.empty(_PAIR_BLOCK, x_t.shape[1])
 
     def pair_distance(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         out = np.empty(rows.size, dtype=np.float32)
         for lo in range(0, rows.size, _PAIR_BLOCK):
             r = torch.from_numpy(rows[lo : lo + _PAIR_BLOCK])
             c = torch.from_numpy(cols[lo : lo + _PAIR_BLOCK])
-            dot = (x_t[r] * x_t[c]).sum(1)
+            m = r.numel()
+            a = torch.index_select(x_t, 0, r, out=left[:m])
+            dot = a.mul_(torch.index_select(x_t, 0, c, out=right[:m])).sum(1)
             d2 = (1.0 - dot).square() if metric == "cosine" else (sq[r] + sq[c] - 2.0 * dot).clamp(min=0.0)
             out[lo : lo + _PAIR_BLOCK] = (d2 / torch.from_numpy(scale[rows[lo : lo + _PAIR_BLOCK]])).numpy()
         return out
