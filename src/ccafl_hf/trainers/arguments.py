@@ -65,6 +65,26 @@ class CCAFLTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ stages 2–3: sampling and schedule
     num_identities_per_batch: int = field(default=16, **_help("P: intra-camera identities per batch."))
     num_instances: int = field(default=8, **_help("K: images per identity per batch."))
+    pk_sampling: str = field(
+        default="identity",
+        **_help("P×K sampler rule: identity (every identity gives one K-image chunk per pass, whatever its image "
+                "count: the authors' rule) or image (max(1, n // K) chunks per identity: nearly every image once "
+                "per pass, identities with many images drawn more often, torchreid's rule)."),
+    )
+    scale_batch_with_processes: bool = field(
+        default=False,
+        **_help("Several processes: every process draws a whole P×K batch, so N processes train with N×P×K images "
+                "per step and see N× the images per epoch at the same learning rate and iterations: another recipe "
+                "than the preset's (to keep the images per epoch divide --iters_per_epoch by N; a larger batch "
+                "usually also wants a retuned --learning_rate). Default (off): P×K is the global batch, each process "
+                "draws P/N identities, and the recipe is the same on any number of processes."),
+    )
+    sync_batchnorm: bool = field(
+        default=True,
+        **_help("Several processes: synchronise the BatchNorm layers (RN50 tower, BN neck) across processes so "
+                "their statistics are those of the global batch (--sync_batchnorm False: per-process "
+                "statistics). No effect with one process."),
+    )
     iters_per_epoch: int | None = field(default=200, **_help("Steps per stage-2/3 epoch (reference 200); None = one sampler pass."))
     icdl_epochs: int = field(default=5, **_help("Stage-2 (ICDL) epochs (0: no ICDL training, ICAL starts from the "
                                                 "stage-1 model)."))
@@ -149,6 +169,7 @@ class CCAFLTrainingArguments(TrainingArguments):
         if self.dataloader_pin_memory and not _cuda_available():
             logger.info("no CUDA device: dataloader_pin_memory=False (pinning needs an accelerator)")
             self.dataloader_pin_memory = False
+        self._check_process_split()
         super().__post_init__()
         self.stages = parse_stages(self.stages)
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
@@ -162,6 +183,16 @@ class CCAFLTrainingArguments(TrainingArguments):
                                            device="cpu" if self.use_cpu else None)
         self.bf16, self.fp16 = explicit == "bf16", explicit == "fp16"
         self.mixed_precision = explicit
+
+    def _check_process_split(self) -> None:
+        """Before any work: the P×K rule and, with several processes (``WORLD_SIZE`` of the launcher), P
+        divisible by their number unless every process draws a whole batch."""
+        from ..data.samplers import SAMPLING_RULES, identities_per_process
+
+        if self.pk_sampling not in SAMPLING_RULES:
+            raise ValueError(f"--pk_sampling must be one of {', '.join(SAMPLING_RULES)}, got {self.pk_sampling!r}")
+        if not self.scale_batch_with_processes and _finite(self.num_identities_per_batch):
+            identities_per_process(self.num_identities_per_batch, int(os.environ.get("WORLD_SIZE", "1")))
 
     @property
     def pk_batch_size(self) -> int:

@@ -21,9 +21,10 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..data import RandomIdentitySampler
+from ..data.samplers import FixedLengthSampler, RandomIdentitySampler
 from ..evaluation import METRIC_KEYS, evaluate_reid_model
 from .arguments import CCAFLTrainingArguments
+from .distributed import configure_processes
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable
 
@@ -31,33 +32,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_STAGES = ("icdl", "ical")
 CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
-
-
-class FixedLengthSampler(Sampler[int]):
-    """Repeats a P×K identity sampler (a new seed per pass) and cuts it to ``num_samples`` indices,
-    so an epoch has exactly ``iters_per_epoch`` whole batches (the reference's 200 iterations)."""
-
-    def __init__(self, sampler: RandomIdentitySampler, num_samples: int):
-        self.sampler = sampler
-        self.num_samples = int(num_samples)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        produced, repeat = 0, 0
-        while produced < self.num_samples:
-            self.sampler.set_epoch(self.epoch * 1_000_003 + repeat)
-            for index in self.sampler:
-                yield index
-                produced += 1
-                if produced == self.num_samples:
-                    return
-            repeat += 1
 
 
 class _LoopCallback(TrainerCallback):
@@ -143,11 +117,12 @@ class CCAFLTrainer(Trainer):
         first = 0 if stages[0] == "icdl" else args.icdl_epochs
         last = first + sum(args.icdl_epochs if s == "icdl" else args.ical_epochs for s in stages)
         self.epoch_range = (first, last)
+        per_device_batch = configure_processes(model, args)  # global P×K split over processes, SyncBatchNorm
         loop_args = dataclasses.replace(
             args,
             num_train_epochs=last - first,
             max_steps=-1,
-            per_device_train_batch_size=args.pk_batch_size,
+            per_device_train_batch_size=per_device_batch,
             dataloader_drop_last=True,
             remove_unused_columns=False,
             ddp_find_unused_parameters=True,  # the visual projection idles while no image–text loss is active
@@ -222,13 +197,14 @@ class CCAFLTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         args: CCAFLTrainingArguments = self.args
-        sampler = RandomIdentitySampler(
-            dataset["intra_id"], num_instances=args.num_instances, batch_size=args.pk_batch_size, seed=args.seed
-        )
+        # the stream of global P×K batches; Accelerate hands each process its P/N identities of every one
+        # (per-device batch P·K/N), or whole batches with --scale_batch_with_processes
+        sampler = RandomIdentitySampler(dataset["intra_id"], num_instances=args.num_instances,
+                                        batch_size=args.pk_batch_size, seed=args.seed, sampling=args.pk_sampling)
         if args.iters_per_epoch is None:
             return sampler
-        total = args.iters_per_epoch * args.pk_batch_size * args.world_size
-        return FixedLengthSampler(sampler, total)
+        scale = args.world_size if args.scale_batch_with_processes else 1
+        return FixedLengthSampler(sampler, args.iters_per_epoch * args.pk_batch_size * scale)
 
     # ---------------------------------------------------------------------------- optimiser / schedule
     def create_optimizer(self, model=None):

@@ -19,6 +19,7 @@ from ..classifier import IdentityClassifier
 from ..memory import CameraMemory, ClusterMemory
 from ..modeling_ccafl import CCAFLModel
 from .arguments import CCAFLTrainingArguments
+from .distributed import global_batch
 from .objectives import StageObjective
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class CCAFLForTraining(nn.Module):
         )
         self.cluster_memory = ClusterMemory(dim, momentum=args.memory_momentum, temperature=args.memory_temperature)
         self.classifier = IdentityClassifier(num_identities, dim, scale=args.classifier_scale)
+        self.losses_on_global_batch = True  # several processes: losses over the gathered batch (trainers/distributed.py)
         # DDP neither broadcasts these buffers nor reduces the classifier's gradients (see the module docstring)
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in [*self.named_buffers(), *self.classifier.named_parameters(prefix="classifier")]
@@ -105,7 +107,8 @@ class CCAFLForTraining(nn.Module):
             ``reid_features`` ``[B, D]`` (detached: the memory update and the classifier step use them).
         """
         out = self.model.get_reid_outputs(pixel_values)
-        losses = objective.losses(self, out, intra_ids, camids, epoch)
+        batch = global_batch(out, intra_ids, camids) if self.losses_on_global_batch else (out, intra_ids, camids)
+        losses = objective.losses(self, *batch, epoch)
         total = sum(losses.values()) if losses else out.reid_features.sum() * 0.0
         result = {name: value.detach() for name, value in losses.items()}
         result["loss"] = total
