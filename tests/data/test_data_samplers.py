@@ -9,9 +9,13 @@ from math import comb
 
 import numpy as np
 import pytest
-import torch
 
-from ccafl_hf.data import FixedLengthSampler, RandomIdentityBatchSampler, RandomIdentitySampler, ReIDDatasetError
+from ccafl_hf.data import (
+    FixedLengthSampler,
+    RandomIdentityBatchSampler,
+    RandomIdentitySampler,
+    ReIDDatasetError,
+)
 from ccafl_hf.data.samplers import identities_per_process
 
 

@@ -160,6 +160,7 @@ class CCAFLTrainingArguments(TrainingArguments):
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
     def __post_init__(self):
+        self._check_process_split()
         self._resolve_mixed_precision()
         if not _cuda_available() and not self.use_cpu and (self.bf16 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             # bf16 autocast or several processes (gloo) on a machine without CUDA: accelerate must be told
@@ -169,7 +170,6 @@ class CCAFLTrainingArguments(TrainingArguments):
         if self.dataloader_pin_memory and not _cuda_available():
             logger.info("no CUDA device: dataloader_pin_memory=False (pinning needs an accelerator)")
             self.dataloader_pin_memory = False
-        self._check_process_split()
         super().__post_init__()
         self.stages = parse_stages(self.stages)
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
