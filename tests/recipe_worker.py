@@ -10,10 +10,12 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+from transformers import set_seed
 
 from ccafl_hf import create_tiny_model
 from ccafl_hf.data import ReIDCollator, build_eval_transform, dataset_summary, load_reid_dataset
 from ccafl_hf.trainers import CCAFLForTraining, CCAFLTrainer, CCAFLTrainingArguments
+from ccafl_hf.trainers.distributed import SynchronisedBatchNorm
 
 P, K, ITERS = 4, 2, 3
 
@@ -47,7 +49,10 @@ def run(config: str, data_dir: str, out_dir: str) -> None:
         disable_tqdm=True, logging_strategy="no", save_strategy="no", seed=0, report_to="none",
         adversarial_start_epoch=1, adversarial_end_epoch=1, ical_image_text_start_epoch=1, random_erasing_prob=0.0,
         sync_batchnorm=config != "nosync", scale_batch_with_processes=config == "scaled",
+        optimizer="sgd", learning_rate=1e-2,  # Adam would turn the float noise of mathematically zero gradients
+        # (attention key biases, the bias before the BN neck) into steps of size lr: see docs/training.md
     )
+    set_seed(0)  # as the pipeline does: the classifier's initialisation draws from the global generator
     module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
     stages = [("icdl",), ("ical",)] if config in ("nobn", "syncbn") else [("icdl",)]
     state, rows, steps = {}, [], []
@@ -64,7 +69,7 @@ def run(config: str, data_dir: str, out_dir: str) -> None:
     state |= {f"model.{k}": v.detach().float().contiguous() for k, v in model.state_dict().items()}
     state |= {"steps": torch.tensor(steps), "rows": torch.stack(rows),
               "world_size": torch.tensor(trainer.args.world_size),
-              "neck_synchronised": torch.tensor(isinstance(model.neck, torch.nn.SyncBatchNorm))}
+              "neck_synchronised": torch.tensor(isinstance(model.neck, SynchronisedBatchNorm))}
     save_file(state, f"{out_dir}/{config}.rank{trainer.args.process_index}.safetensors")
 
 

@@ -2,6 +2,7 @@
 identities, the steps per epoch are those of one process, and the final memories, classifier and weights
 equal a one-process run's to float tolerance — with synchronised BatchNorm, its statistics too."""
 
+import json
 import os
 import socket
 import subprocess
@@ -44,11 +45,11 @@ def runs(small_synthetic, tmp_path_factory):
     return load, one, two, log
 
 
-def _assert_same_state(single, multi, prefixes, atol=2e-5):
+def _assert_same_state(single, multi, prefixes, tolerance):
     keys = [k for k in single if k.startswith(prefixes)]
     assert keys
     for key in keys:
-        torch.testing.assert_close(multi[key], single[key], rtol=1e-4, atol=atol, msg=key)
+        torch.testing.assert_close(multi[key], single[key], rtol=tolerance, atol=tolerance, msg=key)
 
 
 def test_two_processes_split_the_global_batch_with_the_same_steps(runs):
@@ -57,19 +58,20 @@ def test_two_processes_split_the_global_batch_with_the_same_steps(runs):
     ranks = [load(two, "nobn", rank) for rank in range(2)]
     assert int(single["world_size"]) == 1 and int(ranks[0]["world_size"]) == 2
     assert int(single["icdl.per_device_batch"]) == P * K and int(ranks[0]["icdl.per_device_batch"]) == P * K // 2
-    assert single["steps"].tolist() == ranks[0]["steps"].tolist() == [ITERS, 2 * ITERS]  # optimiser steps
+    assert single["steps"].tolist() == ranks[0]["steps"].tolist() == [ITERS, ITERS]  # optimiser steps (ICDL, ICAL)
     # step by step, rank 0's P/2 identities then rank 1's are the one-process batch
     assert ranks[0]["rows"].shape == (2 * ITERS, P * K // 2)
     torch.testing.assert_close(torch.cat([ranks[0]["rows"], ranks[1]["rows"]], dim=1), single["rows"], rtol=0, atol=0)
 
 
 def test_without_batchnorm_two_processes_train_as_one(runs):
-    """Losses on the gathered global batch, memories and classifier fed the whole batch once: the final
-    camera and cluster memories, classifier and weights of a 2-process run equal the 1-process run's."""
+    """Losses on the gathered global batch, memories and classifier fed the whole batch once: after an ICDL
+    and an ICAL epoch (association, adversarial loss included) the camera and cluster memories, the
+    classifier and every weight of a 2-process run equal the 1-process run's (measured: within 2e-7)."""
     load, one, two, _ = runs
     single = load(one, "nobn")
     for rank in range(2):
-        _assert_same_state(single, load(two, "nobn", rank), ("memory.", "cluster.", "classifier.", "model."))
+        _assert_same_state(single, load(two, "nobn", rank), ("memory.", "cluster.", "classifier.", "model."), 1e-5)
 
 
 def test_synchronised_batchnorm_gives_the_one_process_statistics(runs):
@@ -77,7 +79,8 @@ def test_synchronised_batchnorm_gives_the_one_process_statistics(runs):
     single = load(one, "syncbn")
     synced = load(two, "syncbn")
     assert bool(synced["neck_synchronised"]) and not bool(single["neck_synchronised"])
-    _assert_same_state(single, synced, ("model.neck.running", "memory.", "cluster.", "model.vision_model"))
+    # measured: running statistics within 6e-5, memories within 1e-5 (float reduction order through the BN)
+    _assert_same_state(single, synced, ("model.neck.", "memory.", "cluster.", "classifier.", "model."), 2e-4)
     assert "synchronised 1 BatchNorm layer(s) across 2 processes" in log
     # per-process statistics (sync off) are those of half a batch: not the one-process ones
     unsynced = load(two, "nosync")
@@ -111,3 +114,17 @@ def test_p_not_divisible_by_the_processes_is_one_error_line(monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "1")
     training_args = parse_train_args(["--num_identities_per_batch", "6", "--scale_batch_with_processes"])[2]
     assert training_args.scale_batch_with_processes
+
+
+def test_print_settings_under_a_launcher_shows_global_and_per_process_batch(tmp_path):
+    """Two launched processes: one JSON (from the main process) and one note with both batch sizes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(Path(__file__).parents[1] / "scripts" / "train.py"), "--preset",
+               "paper-market1501", "--output_dir", str(tmp_path / "out"), "--print_settings"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["training"]["num_identities_per_batch"] == 16
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: stage-2/3 batch")]
+    assert notes == ["note: stage-2/3 batch: global P×K = 16×8 = 128 images per step, per process 8×8 = 64 on 2 "
+                     "process(es)"]

@@ -172,6 +172,9 @@ def test_fixed_length_epochs_chain_the_passes():
     assert sum(epochs, []) == chain[: 6 * 80]
     fixed.set_epoch(3)
     assert list(fixed) == epochs[3]
+    later = FixedLengthSampler(sampler, 5 * 16, first_epoch=2)  # a loop that starts at epoch 2 (ICAL alone)
+    later.set_epoch(1)
+    assert list(later) == epochs[3]
 
 
 def _accelerate_shards(sampler, num_processes, per_device):

@@ -250,13 +250,16 @@ class FixedLengthSampler(Sampler[int]):
     """Epochs of exactly ``num_samples`` indices cut from the endless chain of a `RandomIdentitySampler`'s
     passes (pass 0, pass 1, … end to end, as the authors' ``IterLoader`` chains them across epochs):
     epoch ``e`` is positions ``[e·num_samples, (e+1)·num_samples)`` of the chain, a pure function of
-    ``(seed, e)``. With ``num_samples = iters × P·K`` an epoch is ``iters`` whole global batches."""
+    ``(seed, e)``. With ``num_samples = iters × P·K`` an epoch is ``iters`` whole global batches.
+    ``first_epoch`` shifts the epochs (``set_epoch(e)`` yields epoch ``first_epoch + e``): a loop that
+    starts later in the schedule (ICAL alone) draws the batches of those epochs."""
 
-    def __init__(self, sampler: RandomIdentitySampler, num_samples: int):
+    def __init__(self, sampler: RandomIdentitySampler, num_samples: int, first_epoch: int = 0):
         self.sampler = sampler
         self.num_samples = int(num_samples)
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.first_epoch = int(first_epoch)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -268,7 +271,7 @@ class FixedLengthSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         per_pass = len(self.sampler)
-        start = self.epoch * self.num_samples
+        start = (self.first_epoch + self.epoch) * self.num_samples
         end = start + self.num_samples
         first, last = start // per_pass, (end - 1) // per_pass
         chain = torch.cat([self.sampler.pass_batches(q).reshape(-1) for q in range(first, last + 1)])

@@ -204,7 +204,8 @@ class CCAFLTrainer(Trainer):
         if args.iters_per_epoch is None:
             return sampler
         scale = args.world_size if args.scale_batch_with_processes else 1
-        return FixedLengthSampler(sampler, args.iters_per_epoch * args.pk_batch_size * scale)
+        return FixedLengthSampler(sampler, args.iters_per_epoch * args.pk_batch_size * scale,
+                                  first_epoch=self.epoch_range[0])
 
     # ---------------------------------------------------------------------------- optimiser / schedule
     def create_optimizer(self, model=None):

@@ -109,15 +109,25 @@ def configure_processes(module: nn.Module, args: CCAFLTrainingArguments) -> int:
     return args.pk_batch_size if scale else args.pk_batch_size // n
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """`torch.nn.SyncBatchNorm` that also runs on CPU processes (gloo), where torch's kernels exist for
-    CUDA only: the batch mean and biased variance of all processes' samples normalise, the unbiased
-    variance feeds the running statistics (as `torch.nn.SyncBatchNorm` and one-process BatchNorm on
-    the same global batch). On CUDA, and whenever nothing needs synchronising, torch's own forward runs."""
+class SynchronisedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch of all processes — the base of
+    `SyncBatchNorm1d/2d/3d`, which stay instances of `nn.BatchNorm1d/2d/3d`.
+
+    With several processes in training mode: on a GPU, `torch.nn.SyncBatchNorm`'s forward (its kernels
+    and collectives) runs on this layer; on CPU processes (gloo), where torch has no SyncBatchNorm kernels
+    and DDP refuses `torch.nn.SyncBatchNorm` layers, the batch mean and biased variance of all processes'
+    samples normalise (gathered with their gradients) and the unbiased variance feeds the running
+    statistics — what one process computes on the same global batch. Otherwise plain BatchNorm.
+    """
+
+    process_group = None  # the default group, as `torch.nn.SyncBatchNorm(process_group=None)`
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and input.device.type == "cpu" and num_processes() > 1):
+        if not (self.training and num_processes() > 1):
             return super().forward(input)
+        if input.device.type != "cpu":
+            return nn.SyncBatchNorm.forward(self, input)
         self._check_input_dim(input)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
@@ -140,15 +150,15 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out
 
 
-class SyncBatchNorm1d(SyncBatchNorm, nn.BatchNorm1d):
+class SyncBatchNorm1d(SynchronisedBatchNorm, nn.BatchNorm1d):
     """A synchronised `nn.BatchNorm1d` (still an instance of it: ``isinstance(neck, nn.BatchNorm1d)`` holds)."""
 
 
-class SyncBatchNorm2d(SyncBatchNorm, nn.BatchNorm2d):
+class SyncBatchNorm2d(SynchronisedBatchNorm, nn.BatchNorm2d):
     """A synchronised `nn.BatchNorm2d` (still an instance of it)."""
 
 
-class SyncBatchNorm3d(SyncBatchNorm, nn.BatchNorm3d):
+class SyncBatchNorm3d(SynchronisedBatchNorm, nn.BatchNorm3d):
     """A synchronised `nn.BatchNorm3d` (still an instance of it)."""
 
 
@@ -163,10 +173,9 @@ def convert_sync_batchnorm(module: nn.Module) -> int:
     for layer in module.modules():
         if type(layer) in _SYNC_CLASSES:
             layer.__class__ = _SYNC_CLASSES[type(layer)]
-            layer.process_group = None
             converted += 1
     return converted
 
 
-__all__ = ["SyncBatchNorm", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d", "configure_processes", "convert_sync_batchnorm",
+__all__ = ["SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d", "SynchronisedBatchNorm", "configure_processes", "convert_sync_batchnorm",
            "gather_with_grad", "global_batch", "num_processes"]
