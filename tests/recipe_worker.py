@@ -6,6 +6,7 @@ Configs: ``nobn`` (ViT without BatchNorm: neck "none"), ``syncbn`` (BN neck, syn
 (BN neck, ``sync_batchnorm=False``), ``scaled`` (``scale_batch_with_processes``). The train collator has no
 random augmentation, so one and N processes see the same pixels."""
 
+import logging
 import sys
 
 import torch
@@ -74,5 +75,6 @@ def run(config: str, data_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)  # the trainers' setup lines (batch split, SyncBatchNorm) reach stderr
     for name in sys.argv[3:]:
         run(name, sys.argv[1], sys.argv[2])

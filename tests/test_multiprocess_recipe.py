@@ -116,6 +116,22 @@ def test_p_not_divisible_by_the_processes_is_one_error_line(monkeypatch, capsys)
     assert training_args.scale_batch_with_processes
 
 
+def test_print_settings_shows_the_batch_once(monkeypatch, tmp_path, capsys):
+    """One process: the note gives the global and the per-process batch; a launched process other than the
+    main one (``RANK`` > 0) prints nothing, so `accelerate launch` shows one copy."""
+    from ccafl_hf.commands.train import train_main
+
+    argv = ["--preset", "paper-market1501", "--output_dir", str(tmp_path / "out"), "--print_settings"]
+    assert train_main(argv) == 0
+    assert "note: stage-2/3 batch: global P×K = 16×8 = 128 images per step, per process 16×8 = 128 on 1 " \
+           "process(es)" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    assert train_main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "note:" not in captured.err
+
+
+@pytest.mark.slow
 def test_print_settings_under_a_launcher_shows_global_and_per_process_batch(tmp_path):
     """Two launched processes: one JSON (from the main process) and one note with both batch sizes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
