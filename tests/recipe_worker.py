@@ -74,7 +74,42 @@ def run(config: str, data_dir: str, out_dir: str) -> None:
     save_file(state, f"{out_dir}/{config}.rank{trainer.args.process_index}.safetensors")
 
 
+def layers(out_dir: str) -> None:
+    """``layers``: a BatchNorm2d (the RN50 tower's kind) and a BatchNorm1d with a frozen bias buffer (the BN
+    neck's kind) on this process's slice of one fixed global batch, synchronised when there are several
+    processes; writes outputs, input and weight gradients (the latter summed over processes) and running
+    statistics."""
+    from accelerate import PartialState
+
+    from ccafl_hf.trainers.distributed import convert_sync_batchnorm
+
+    state = PartialState(cpu=True)  # as `accelerate launch` on a machine without CUDA: gloo processes
+    n, rank = state.num_processes, state.process_index
+    saved = {}
+    for name, shape, layer in (("bn2d", (8, 6, 3, 2), torch.nn.BatchNorm2d(6)), ("bn1d", (8, 6), torch.nn.BatchNorm1d(6))):
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(shape, generator=generator) * 3 + 1, torch.randn(shape, generator=generator)
+        layer.weight.data.uniform_(0.5, 1.5, generator=generator)
+        if name == "bn1d":
+            bias = layer.bias.detach() + 0.3
+            del layer.bias
+            layer.register_buffer("bias", bias)
+        if n > 1:
+            assert convert_sync_batchnorm(layer) == 1
+        part = slice(rank * 8 // n, (rank + 1) * 8 // n)
+        inputs = x[part].clone().requires_grad_(True)
+        for _ in range(2):  # two steps: the running statistics follow the global batch
+            out = layer(inputs)
+        (out * w[part]).sum().backward()
+        weight_grad = layer.weight.grad.clone()
+        if n > 1:
+            torch.distributed.all_reduce(weight_grad)
+        saved |= {f"{name}.out": out.detach(), f"{name}.input_grad": inputs.grad, f"{name}.weight_grad": weight_grad,
+                  f"{name}.running_mean": layer.running_mean, f"{name}.running_var": layer.running_var}
+    save_file(saved, f"{out_dir}/layers.rank{rank}.safetensors")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)  # the trainers' setup lines (batch split, SyncBatchNorm) reach stderr
     for name in sys.argv[3:]:
-        run(name, sys.argv[1], sys.argv[2])
+        layers(sys.argv[2]) if name == "layers" else run(name, sys.argv[1], sys.argv[2])

@@ -39,8 +39,8 @@ def runs(small_synthetic, tmp_path_factory):
     dataset, _ = small_synthetic
     data_dir = Path(dataset["train"][0]["image_path"]).parent.parent
     one, two = tmp_path_factory.mktemp("one_process"), tmp_path_factory.mktemp("two_processes")
-    _launch(1, data_dir, one, ["nobn", "syncbn"])
-    log = _launch(2, data_dir, two, ["nobn", "syncbn", "nosync", "scaled"]).stderr
+    _launch(1, data_dir, one, ["nobn", "syncbn", "layers"])
+    log = _launch(2, data_dir, two, ["nobn", "syncbn", "nosync", "scaled", "layers"]).stderr
     load = lambda folder, config, rank=0: load_file(str(folder / f"{config}.rank{rank}.safetensors"))  # noqa: E731
     return load, one, two, log
 
@@ -86,6 +86,21 @@ def test_synchronised_batchnorm_gives_the_one_process_statistics(runs):
     unsynced = load(two, "nosync")
     assert not bool(unsynced["neck_synchronised"])
     assert not torch.allclose(unsynced["model.neck.running_var"], single["model.neck.running_var"], atol=1e-4)
+
+
+def test_synchronised_layers_equal_one_process_on_the_global_batch(runs):
+    """Synchronised BatchNorm2d (RN50 tower) and BatchNorm1d with a frozen bias (BN neck) on CPU processes:
+    outputs, input and weight gradients and running statistics (two steps) of one process on the whole
+    batch, the per-process slices in rank order."""
+    load, one, two, _ = runs
+    single, ranks = load(one, "layers"), [load(two, "layers", rank) for rank in range(2)]
+    for name in ("bn2d", "bn1d"):
+        for key in ("out", "input_grad"):
+            merged = torch.cat([ranks[0][f"{name}.{key}"], ranks[1][f"{name}.{key}"]])
+            torch.testing.assert_close(merged, single[f"{name}.{key}"], rtol=1e-5, atol=1e-5)
+        for key in ("weight_grad", "running_mean", "running_var"):
+            for rank in ranks:
+                torch.testing.assert_close(rank[f"{name}.{key}"], single[f"{name}.{key}"], rtol=1e-5, atol=1e-5)
 
 
 def test_scale_batch_with_processes_keeps_whole_batches_per_process(runs):
