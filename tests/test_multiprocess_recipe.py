@@ -126,6 +126,9 @@ def test_p_not_divisible_by_the_processes_is_one_error_line(monkeypatch, capsys)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "P=6" in lines[0] and "N=4" in lines[0] and "--num_identities_per_batch 4 or 8" in lines[0]
+    monkeypatch.setenv("RANK", "3")  # the other launched processes stay silent: one line in all
+    assert train_main(["--num_identities_per_batch", "6", "--output_dir", "unused"]) == 2
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("WORLD_SIZE", "1")
     training_args = parse_train_args(["--num_identities_per_batch", "6", "--scale_batch_with_processes"])[2]
     assert training_args.scale_batch_with_processes

@@ -157,7 +157,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, training_args, options = _parse_train_command(argv)
     except ValueError as error:  # bad flag values, preset problems, argument validation
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # `accelerate launch`: every process parses the same flags
+            print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if options.print_settings:
         from ..data.samplers import describe_pk_batch
