@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 from typing import Any
@@ -156,12 +157,19 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, training_args, options = _parse_train_command(argv)
     except (CCAFLError, ValueError) as error:  # bad flag values (also transformers' own), presets, validation
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # `accelerate launch`: every process parses the same flags
+            print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if options.print_settings:
+        from ..data.samplers import describe_pk_batch
         from ..pipeline import resolved_settings
 
+        if int(os.environ.get("RANK", "0")) != 0:  # `accelerate launch`: one copy, from the main process
+            return 0
         print(json.dumps(resolved_settings(model_args, data_args, training_args), indent=2))
+        batch = describe_pk_batch(training_args.num_identities_per_batch, training_args.num_instances,
+                                  int(os.environ.get("WORLD_SIZE", "1")), training_args.scale_batch_with_processes)
+        print(f"note: {batch}", file=sys.stderr)
         if options.requested_mixed_precision == "auto":
             print(f"note: mixed_precision 'auto' resolved to {training_args.mixed_precision!r} on this machine "
                   "(bf16 on a GPU that supports it, else fp16 with a loss scaler; no mixed precision on a CPU)",

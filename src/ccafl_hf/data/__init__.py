@@ -27,7 +27,7 @@ from .datasets import (
 )
 from .errors import ReIDDatasetError
 from .images import find_corrupt_images, load_image
-from .samplers import RandomIdentityBatchSampler, RandomIdentitySampler
+from .samplers import SAMPLING_RULES, FixedLengthSampler, RandomIdentityBatchSampler, RandomIdentitySampler
 from .synthetic import (
     SyntheticReIDConfig,
     camera_styles,
@@ -42,6 +42,8 @@ from .transforms import build_eval_transform, build_train_transform
 
 __all__ = [
     "LABEL_KEYS",
+    "SAMPLING_RULES",
+    "FixedLengthSampler",
     "RandomIdentityBatchSampler",
     "RandomIdentitySampler",
     "ReIDCollator",

@@ -12,6 +12,7 @@ stage (through `evaluate`, so the metrics reach ``report_to``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -24,44 +25,18 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..association import association_diagnostics, identity_mean_features
-from ..data import RandomIdentitySampler
+from ..data.samplers import FixedLengthSampler, RandomIdentitySampler
 from ..errors import NonFiniteError
 from ..evaluation import evaluate_splits, extract_features
 from .arguments import CCAFLTrainingArguments
 from .configs import IMAGE_STAGES, CCAFLTrainerConfig, derive, extraction_options
+from .distributed import configure_processes, global_batch
 from .objectives import ICALObjective, ICDLObjective, StageObjective
 from .training_module import CCAFLForTraining, set_image_stage_trainable
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
-
-
-class FixedLengthSampler(Sampler[int]):
-    """Repeats a P×K identity sampler (a new seed per pass) and cuts it to ``num_samples`` indices,
-    so an epoch has exactly ``iters_per_epoch`` whole batches (the reference's 200 iterations)."""
-
-    def __init__(self, sampler: RandomIdentitySampler, num_samples: int):
-        self.sampler = sampler
-        self.num_samples = int(num_samples)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        produced, repeat = 0, 0
-        while produced < self.num_samples:
-            self.sampler.set_epoch(self.epoch * 1_000_003 + repeat)
-            for index in self.sampler:
-                yield index
-                produced += 1
-                if produced == self.num_samples:
-                    return
-            repeat += 1
 
 
 class _LoopCallback(TrainerCallback):
@@ -151,6 +126,10 @@ class CCAFLTrainer(Trainer):
         }
         self.diagnostic_pids = diagnostic_pids
         self.epoch_range = args.loop_epochs
+        per_device_batch = configure_processes(model, args)  # global P×K split over processes, SyncBatchNorm
+        if per_device_batch != args.per_device_train_batch_size:
+            args = copy.copy(args)  # the caller's config stays as it was
+            args.per_device_train_batch_size = per_device_batch
         self.trainable_parameters = set_image_stage_trainable(model.model, args.freeze_patch_embedding)
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          eval_dataset=eval_dataset, **kwargs)
@@ -265,13 +244,15 @@ class CCAFLTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         args: CCAFLTrainerConfig = self.args
-        sampler = RandomIdentitySampler(
-            dataset["intra_id"], num_instances=args.num_instances, batch_size=args.pk_batch_size, seed=args.seed
-        )
+        # the stream of global P×K batches; Accelerate hands each process its P/N identities of every one
+        # (per-device batch P·K/N), or whole batches with --scale_batch_with_processes
+        sampler = RandomIdentitySampler(dataset["intra_id"], num_instances=args.num_instances,
+                                        batch_size=args.pk_batch_size, seed=args.seed, sampling=args.pk_sampling)
         if args.iters_per_epoch is None:
             return sampler
-        total = args.iters_per_epoch * args.pk_batch_size * args.world_size
-        return FixedLengthSampler(sampler, total)
+        scale = args.world_size if args.scale_batch_with_processes else 1
+        return FixedLengthSampler(sampler, args.iters_per_epoch * args.pk_batch_size * scale,
+                                  first_epoch=self.epoch_range[0])
 
     # ---------------------------------------------------------------------------- optimiser / schedule
     def create_optimizer(self, model=None):
@@ -334,8 +315,11 @@ class CCAFLTrainer(Trainer):
         """The epoch's objective on the model's outputs of the batch, with the module as explicit state.
         With ``return_outputs``: ``(loss, {"losses": {name: loss}, "reid_features": [B, D] detached})``."""
         outputs = model(pixel_values=inputs["pixel_values"])
-        losses = self.objective.losses(self.training_module, outputs, inputs["intra_ids"], inputs["camids"],
-                                       self.loop_epoch)
+        module = self.training_module
+        batch = (outputs, inputs["intra_ids"], inputs["camids"])
+        if module.losses_on_global_batch:  # several processes: the losses of the whole global batch
+            batch = global_batch(*batch)
+        losses = self.objective.losses(module, *batch, self.loop_epoch)
         total = sum(losses.values()) if losses else outputs.reid_features.sum() * 0.0
         if not return_outputs:
             return total

@@ -125,6 +125,26 @@ class CCAFLTrainerConfig(TrainingArguments):
     # ------------------------------------------------------------------ sampling and schedule
     num_identities_per_batch: int = field(default=16, **_help("P: intra-camera identities per batch."))
     num_instances: int = field(default=8, **_help("K: images per identity per batch."))
+    pk_sampling: Literal["identity", "image"] = field(
+        default="identity",
+        **_help("P×K sampler rule: identity (every identity gives one K-image chunk per pass, whatever its image "
+                "count: the authors' rule) or image (max(1, n // K) chunks per identity: nearly every image once "
+                "per pass, identities with many images drawn more often, torchreid's rule)."),
+    )
+    scale_batch_with_processes: bool = field(
+        default=False,
+        **_help("Several processes: every process draws a whole P×K batch, so N processes train with N×P×K images "
+                "per step and see N× the images per epoch at the same learning rate and iterations: another recipe "
+                "than the preset's (to keep the images per epoch divide --iters_per_epoch by N; a larger batch "
+                "usually also wants a retuned --learning_rate). Default (off): P×K is the global batch, each process "
+                "draws P/N identities, and the recipe is the same on any number of processes."),
+    )
+    sync_batchnorm: bool = field(
+        default=True,
+        **_help("Several processes: synchronise the BatchNorm layers (RN50 tower, BN neck) across processes so "
+                "their statistics are those of the global batch (--sync_batchnorm False: per-process "
+                "statistics). No effect with one process."),
+    )
     iters_per_epoch: int | None = field(default=200, **_help("Steps per stage-2/3 epoch (reference 200); None = one sampler pass."))
     icdl_epochs: int = field(default=5, **_help("Stage-2 (ICDL) epochs (0: no ICDL training, ICAL starts from the "
                                                 "stage-1 model)."))
@@ -184,6 +204,7 @@ class CCAFLTrainerConfig(TrainingArguments):
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
 
     def __post_init__(self):
+        self._check_process_split()  # before the distributed state is set up by TrainingArguments
         super().__post_init__()
         self.lr_decay_epochs = parse_int_list(self.lr_decay_epochs, "--lr_decay_epochs")
         if self.optimizer not in OPTIMIZERS:
@@ -192,6 +213,17 @@ class CCAFLTrainerConfig(TrainingArguments):
             raise ArgumentError("remove_unused_columns must be False: camera and identity columns feed the losses")
         check_ranges(self)
         self._derive_loop_fields()
+
+    def _check_process_split(self) -> None:
+        """Before any work: with several processes (``WORLD_SIZE`` of the launcher), P divisible by their
+        number unless every process draws a whole batch (one line naming P, N and the nearest valid P)."""
+        from ..data.samplers import SAMPLING_RULES, identities_per_process
+
+        if self.pk_sampling not in SAMPLING_RULES:
+            raise ArgumentError(f"--pk_sampling must be one of {', '.join(SAMPLING_RULES)}, got {self.pk_sampling!r}")
+        if not self.scale_batch_with_processes and isinstance(self.num_identities_per_batch, int) \
+                and self.num_identities_per_batch > 0:  # other values: one line from the range checks
+            identities_per_process(self.num_identities_per_batch, int(os.environ.get("WORLD_SIZE", "1")))
 
     def _derive_loop_fields(self) -> None:
         """The Trainer's own schedule fields, from the CCAFL ones: one epoch count, P×K batches, no step cap."""

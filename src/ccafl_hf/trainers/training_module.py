@@ -92,6 +92,7 @@ class CCAFLForTraining(nn.Module):
         )
         self.cluster_memory = ClusterMemory(dim, momentum=memory_momentum, temperature=memory_temperature)
         self.classifier = IdentityClassifier(num_identities, dim, scale=classifier_scale)
+        self.losses_on_global_batch = True  # several processes: losses over the gathered batch (trainers/distributed.py)
         # DDP neither broadcasts these buffers nor reduces the classifier's gradients (see the module docstring)
         self._ddp_params_and_buffers_to_ignore = [
             name for name, _ in [*self.named_buffers(), *self.classifier.named_parameters(prefix="classifier")]
