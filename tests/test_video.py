@@ -226,8 +226,8 @@ def test_main_job_trains_from_dataset_mot(scene, tmp_path, monkeypatch):
     argv = ["--output_dir", str(out), "--model_name_or_path", "tiny", "--dataset", "mot", "--data_dir", str(scene),
             "--dataset_options", json.dumps({"crops_per_track": 4}), "--num_identities_per_batch", "4",
             "--num_instances", "2", "--prompt_epochs", "1", "--icdl_epochs", "1", "--ical_epochs", "1",
-            "--iters_per_epoch", "2", "--ical_image_text_start_epoch", "1", "--adversarial_start_epoch", "2",
-            "--adversarial_end_epoch", "2", "--disable_tqdm", "true", "--num_threads", "1"]
+            "--iters_per_epoch", "2", "--ical_image_text_start_epoch", "1", "--adversarial_start_epoch", "1",
+            "--adversarial_end_epoch", "1", "--disable_tqdm", "true", "--num_threads", "1"]
     assert train_main(argv) == 0
     model = AutoModel.from_pretrained(out)
     assert isinstance(model, CCAFLModel)
