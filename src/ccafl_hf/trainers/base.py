@@ -288,15 +288,27 @@ class CCAFLTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # in training, the global-ID classifier steps inside the forward, between the encoder and the losses
+        step = self._classifier_step_on(inputs["intra_ids"]) if model.training else None
         outputs = model(pixel_values=inputs["pixel_values"], intra_ids=inputs["intra_ids"], camids=inputs["camids"],
-                        objective=self.objective, epoch=self.loop_epoch)
+                        objective=self.objective, epoch=self.loop_epoch, classifier_step=step)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
+    def _classifier_step_on(self, intra_ids: torch.Tensor):
+        """The forward's ``classifier_step``: one step of the global-ID classifier on the detached features of
+        every process (so all ranks keep identical classifiers), its loss kept for the log."""
+        def step(features: torch.Tensor) -> None:
+            gathered = self.accelerator.gather(features.contiguous())
+            self._classifier_loss = self.classifier_step(gathered, self.accelerator.gather(intra_ids.contiguous()))
+        return step
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward + backward of the active objective, then — with the features and labels of every
-        process — the memory update and one step of the global-ID classifier's own Adam."""
+        """Forward of the active objective — the global-ID classifier's own Adam steps inside it, after the
+        encoder and before the losses, as the reference — and backward; then, with the features and labels
+        of every process, the memory update."""
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._classifier_loss = None
         with self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if self.args.n_gpu > 1:
@@ -308,7 +320,7 @@ class CCAFLTrainer(Trainer):
         intra_ids = self.accelerator.gather(inputs["intra_ids"].contiguous())
         module = self.training_module
         self.objective.update_memories(module, features, intra_ids)
-        classifier_loss = self.classifier_step(features, intra_ids)
+        classifier_loss = self._classifier_loss
 
         for name, value in outputs.items():
             if name not in ("loss", "reid_features"):

@@ -171,7 +171,7 @@ class ICALObjective(StageObjective):
             )
             labels = torch.as_tensor(result, dtype=torch.long, device=identity_features.device)
         labels = broadcast(labels, from_process=0)
-        module.set_pseudo_labels(labels, identity_features)
+        module.set_pseudo_labels(labels, extracted.reid_features, extracted.labels["intra_ids"])
         labels_np = labels.cpu().numpy()
         record = {"num_clusters": int(labels_np.max() + 1) if labels_np.size else 0,
                   "num_associated": int((labels_np >= 0).sum())}
