@@ -167,3 +167,205 @@ def test_cluster_features_weight_identities_by_image_count(tiny_model):
     torch.testing.assert_close(module.cluster_memory.centroids, ref_centroids)
     torch.testing.assert_close(module.cluster_text_features, ref_texts)
     assert torch.equal(module.pseudo_labels, pseudo)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. stage-1 schedule: the reference's per-epoch warm-up from 1e-5 and cosine to 1e-6
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_prompt_lr(e, lr0=3.5e-4, epochs=60, warmup=5, warmup_lr=1e-5, min_lr=1e-6):
+    """timm's CosineLRScheduler(t_initial=epochs, warmup_t=warmup, warmup_lr_init, lr_min) at epoch e."""
+    if e < warmup:
+        return warmup_lr + e * (lr0 - warmup_lr) / warmup
+    return min_lr + 0.5 * (lr0 - min_lr) * (1 + math.cos(math.pi * e / epochs))
+
+
+def test_prompt_epoch_lr_is_the_reference_schedule():
+    from ccafl_hf.schedules import prompt_epoch_lr
+
+    got = [prompt_epoch_lr(e, 3.5e-4, 60) for e in range(1, 61)]
+    assert got == pytest.approx([_reference_prompt_lr(e) for e in range(1, 61)], rel=1e-12)
+    assert got[:5] == pytest.approx([7.8e-5, 1.46e-4, 2.14e-4, 2.82e-4, 3.44e-4], rel=2e-3)  # Market-1501
+    assert got[-1] == pytest.approx(1e-6) and min(got) > 0
+
+
+@pytest.mark.parametrize("schedule", ["epoch_cosine", "cosine"])
+def test_prompt_trainer_follows_the_chosen_schedule(schedule, tmp_path):
+    from transformers import TrainerCallback
+
+    from ccafl_hf.prompts import IdentityPromptLearner
+    from ccafl_hf.trainers import FeatureCache, PromptLearningTrainer
+
+    model, processor = create_tiny_model(seed=0)
+    model.eval().requires_grad_(False)
+    learner = IdentityPromptLearner(model, processor.tokenizer, 6)
+    intra = torch.arange(6).repeat_interleave(5)  # 30 features, batch 8: 4 steps per epoch
+    cache = FeatureCache(torch.randn(30, model.projection_dim), intra, intra // 2)
+    args = CCAFLTrainingArguments(
+        output_dir=str(tmp_path), prompt_epochs=6, prompt_batch_size=8, prompt_learning_rate=0.01,
+        prompt_warmup_epochs=2, prompt_lr_schedule=schedule, prompt_warmup_lr=1e-3, prompt_min_lr=1e-4,
+        logging_strategy="no", save_strategy="no", disable_tqdm=True, report_to="none", seed=0,
+    ).stage_arguments("prompt")
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    PromptLearningTrainer(learner, args, cache, callbacks=[Record()]).train()
+    assert len(seen) == 24
+    expected = [_reference_prompt_lr(e, 0.01, 6, 2, 1e-3, 1e-4) for e in range(1, 7) for _ in range(4)]
+    if schedule == "epoch_cosine":
+        assert seen == pytest.approx(expected, rel=1e-9)
+    else:  # the Trainer's per-step cosine: from 0, changes every step, far from the reference
+        assert seen[0] == 0.0 and len(set(seen)) > 12
+        assert seen != pytest.approx(expected, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. --eval_every_epochs: periodic evaluations logged, the best recorded as best_on_test, the final reported
+# ------------------------------------------------------------------------------------------------
+
+
+def _icdl_loop(small_synthetic, tmp_path, **overrides):
+    dataset, info = small_synthetic
+    model, processor = create_tiny_model(seed=0)
+    train_collator, eval_collator = _collators(model, processor)
+    args = CCAFLTrainingArguments(
+        output_dir=str(tmp_path), num_identities_per_batch=8, num_instances=4, iters_per_epoch=3, icdl_epochs=3,
+        memory_instances=4, warmup_epochs=1, learning_rate=1e-3, per_device_eval_batch_size=128, disable_tqdm=True,
+        logging_strategy="no", save_strategy="no", report_to="none", seed=0, **overrides,
+    )
+    module = CCAFLForTraining(model, torch.as_tensor(info.identity_camids), None, args)
+    trainer = CCAFLTrainer(module, args, dataset["train"], train_collator, eval_collator, stages=("icdl",),
+                           eval_dataset={"query": dataset["query"], "gallery": dataset["gallery"]})
+    trainer.train()
+    return trainer
+
+
+def test_eval_every_epochs_logs_the_best_and_keeps_the_final(small_synthetic, tmp_path):
+    """Three ICDL epochs evaluated after each (the ICDL loop is bit-reproducible on the CPU, so the final
+    results can be compared exactly with a run evaluated at the stage end only)."""
+    from ccafl_hf import CCAFLModel
+    from ccafl_hf.evaluation import evaluate_reid_model
+    from ccafl_hf.trainers.base import read_best_on_test
+
+    plain = _icdl_loop(small_synthetic, tmp_path / "plain")
+    periodic = _icdl_loop(small_synthetic, tmp_path / "periodic", eval_every_epochs=1, save_best_checkpoint=True)
+    # the final (stage-end) results are those of the run without periodic evaluations, bit for bit
+    assert periodic.stage_results == plain.stage_results
+    assert read_best_on_test(tmp_path / "plain") is None  # nothing recorded without the options
+    logged = [e for e in periodic.state.log_history if "eval_mAP" in e]
+    assert [e["eval_loop_epoch"] for e in logged] == [1, 2, 3]  # every epoch, the stage end included
+    assert len([e for e in plain.state.log_history if "eval_mAP" in e]) == 1
+    best = read_best_on_test(tmp_path / "periodic")
+    top = max(logged, key=lambda e: e["eval_mAP"])
+    assert best["epoch"] == top["eval_loop_epoch"] and best["mAP"] == top["eval_mAP"]
+    assert best["rank1"] == top["eval_rank1"] and "test set" in best["selected_on"]
+    assert best["num_evaluations"] == 3 and best["checkpoint"] == "best_on_test"
+    # the kept model is the one evaluated best: evaluating it again gives the recorded mAP
+    dataset, _ = small_synthetic
+    kept = CCAFLModel.from_pretrained(tmp_path / "periodic" / "best_on_test")
+    metrics = evaluate_reid_model(kept, dataset["query"], dataset["gallery"], periodic.eval_collator,
+                                  batch_size=128, progress=False)
+    assert float(metrics["mAP"]) == pytest.approx(best["mAP"], abs=1e-4)
+
+
+def test_eval_results_record_best_on_test_next_to_the_final(tmp_path, monkeypatch):
+    """A tiny run with --eval_every_epochs 1: eval_results.json reports the final model at the top level and the
+    best logged evaluation under best_on_test; --image_normalization imagenet is stored with the processor."""
+    import json
+
+    from ccafl_hf.commands import train_main
+    from ccafl_hf.data.transforms import IMAGENET_MEAN
+    from synthetic_options import SMALL_SYNTHETIC
+
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code = train_main(["--output_dir", str(out), "--model_name_or_path", "tiny", "--dataset_options",
+                       json.dumps(SMALL_SYNTHETIC), "--prompt_epochs", "1", "--icdl_epochs", "1", "--ical_epochs", "2",
+                       "--iters_per_epoch", "2", "--eval_every_epochs", "1", "--save_best_checkpoint", "true",
+                       "--image_normalization", "imagenet", "--random_erasing_style", "reference",
+                       "--prompt_lr_schedule", "epoch_cosine", "--disable_tqdm", "true", "--report_to", "none"])
+    assert code == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert {k: results[k] for k in results["stages"]["ical"]} == results["stages"]["ical"]  # the final model
+    best = results["best_on_test"]
+    state = json.loads(sorted((out / "checkpoints" / "icdl_ical").glob("checkpoint-*"),
+                              key=lambda p: int(p.name.split("-")[1]))[-1].joinpath("trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "eval_mAP" in e]
+    assert [e["eval_loop_epoch"] for e in logged] == [1, 2, 3]
+    assert best["mAP"] == max(e["eval_mAP"] for e in logged) and "test set" in best["selected_on"]
+    assert (out / best["checkpoint"] / "model.safetensors").is_file()
+    assert best["checkpoint"] == "checkpoints/icdl_ical/best_on_test"
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(out)  # the trained model's processor normalises as it was trained
+    assert processor.image_processor.image_mean == pytest.approx(list(IMAGENET_MEAN))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. smaller items: the text activation of an open_clip folder, the reference's erasing and normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, folder_name, expected", [
+    (None, "rn50-local", ValueError), (False, "rn50-local", "gelu"), (True, "rn50-local", "quick_gelu"),
+    (None, "resnet50_clip.openai", "quick_gelu"),
+])
+def test_text_activation_is_read_from_the_config_or_refused(tmp_path, flag, folder_name, expected):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ccafl_hf.convert_open_clip import find_open_clip_checkpoint, open_clip_config_kwargs
+
+    open_clip = pytest.importorskip("open_clip")
+    model_cfg = dict(open_clip.get_model_config("RN50"))
+    model_cfg.pop("quick_gelu", None)
+    if flag is not None:
+        model_cfg["quick_gelu"] = flag
+    folder = tmp_path / "models" / folder_name
+    folder.mkdir(parents=True)
+    save_file({"logit_scale": torch.zeros(())}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    checkpoint = find_open_clip_checkpoint(folder)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="does not say whether the text tower uses QuickGELU") as info:
+            open_clip_config_kwargs(checkpoint)
+        assert "\n" not in str(info.value) and '"quick_gelu": true' in str(info.value)
+    else:
+        assert open_clip_config_kwargs(checkpoint)["text_config"]["hidden_act"] == expected
+
+
+def test_reference_random_erasing_fill_and_aspect():
+    """The reference's erasing: the box holds ImageNet's mean values (normalised units) and its aspect ratio is
+    uniform on [0.3, 1/0.3] (mean 1.82), not log-uniform as torchvision's (mean 1.26)."""
+    from ccafl_hf.data.transforms import IMAGENET_MEAN, ReferenceRandomErasing
+
+    torch.manual_seed(0)
+    erase = ReferenceRandomErasing(p=1.0)
+    aspects = []
+    for _ in range(400):
+        image = erase(torch.full((3, 256, 128), 5.0))
+        box = image[0] != 5.0
+        rows, cols = box.any(1).nonzero().squeeze(1), box.any(0).nonzero().squeeze(1)
+        h, w = len(rows), len(cols)
+        assert int(box.sum()) == h * w  # one rectangle
+        for channel, value in enumerate(IMAGENET_MEAN):
+            assert torch.all(image[channel][box] == torch.tensor(value))
+        aspects.append(h / w)
+    mean = sum(aspects) / len(aspects)
+    assert 1.6 < mean < 2.0, mean  # uniform on [0.3, 3.33]: 1.82 (boxes that do not fit skew it slightly)
+    assert erase.p == 1.0 and ReferenceRandomErasing(p=0.0)(torch.ones(3, 8, 4)).eq(1).all()
+
+
+def test_image_normalization_choices():
+    from ccafl_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_normalization
+    from ccafl_hf.processing import CLIP_MEAN, CLIP_STD
+
+    assert image_normalization("processor", CLIP_MEAN, CLIP_STD) == (list(CLIP_MEAN), list(CLIP_STD))
+    assert image_normalization("imagenet", CLIP_MEAN, CLIP_STD) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    with pytest.raises(ValueError, match="--image_normalization must be one of processor, imagenet"):
+        CCAFLTrainingArguments(output_dir="unused", image_normalization="clip")

@@ -22,6 +22,7 @@ from ..data import (
     build_eval_transform,
     build_train_transform,
 )
+from ..data.transforms import image_normalization
 from ..evaluation import METRIC_KEYS, evaluate_reid_model
 from ..modeling_ccafl import CCAFLModel
 from ..prompts import IdentityPromptLearner, load_text_features, save_text_features
@@ -32,7 +33,7 @@ from ..trainers import (
     FeatureCache,
     PromptLearningTrainer,
 )
-from ..trainers.base import IMAGE_STAGES
+from ..trainers.base import IMAGE_STAGES, read_best_on_test
 from .artifacts import push_output_dir, save_artifacts
 from .checkpoints import _explicit_checkpoint, _relative, _resume_message, last_complete_checkpoint
 from .constants import ADAPTER_DIR, EVAL_FILE, LOOP_CHECKPOINTS, SETTINGS_FILE, STATE_FILE, TEXT_FEATURES_FILE
@@ -96,10 +97,13 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
     process = PartialState()
     out = run_dir.path
     model.to(device)
-    mean, std = processor.image_processor.image_mean, processor.image_processor.image_std
+    mean, std = image_normalization(args.image_normalization, processor.image_processor.image_mean,
+                                    processor.image_processor.image_std)
+    processor.image_processor.image_mean, processor.image_processor.image_std = mean, std  # saved with the model
     height, width = model.config.image_size
     train_collator = ReIDCollator(build_train_transform(
-        height, width, mean, std, erasing_p=args.random_erasing_prob, color_jitter=args.color_jitter
+        height, width, mean, std, erasing_p=args.random_erasing_prob, erasing_style=args.random_erasing_style,
+        color_jitter=args.color_jitter,
     ))
     eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
     mixed = args.mixed_precision
@@ -186,6 +190,11 @@ def _train_stages(run_dir: RunDirectory, resuming: bool, explicit: tuple[str, st
 
     last = args.stages[-1] if args.stages else "untrained"
     results = {**stage_results[last], "stages": stage_results}
+    best = read_best_on_test(args.stage_output_dir(LOOP_CHECKPOINTS)) if image_stages else None
+    if best is not None:  # --eval_every_epochs / --save_best_checkpoint: the best evaluation, chosen on the test set
+        if best.get("checkpoint"):
+            best["checkpoint"] = str(_relative(Path(args.stage_output_dir(LOOP_CHECKPOINTS)) / best["checkpoint"], out))
+        results["best_on_test"] = best
     if process.is_main_process:
         save_artifacts(model, processor, args, model_args, data_args, info, results)
         run_dir.finish()

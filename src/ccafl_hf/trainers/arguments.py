@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..data.transforms import ERASING_STYLES, IMAGE_NORMALIZATIONS
 from ..precision import MIXED_PRECISIONS, resolve_mixed_precision
+from ..schedules import PROMPT_LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,14 @@ class CCAFLTrainingArguments(TrainingArguments):
     prompt_learning_rate: float = field(default=3.5e-4, **_help("Stage-1 Adam learning rate."))
     prompt_weight_decay: float = field(default=1e-4, **_help("Stage-1 Adam weight decay."))
     prompt_warmup_epochs: float = field(default=5, **_help("Stage-1 linear warm-up epochs before cosine decay."))
+    prompt_lr_schedule: str = field(
+        default="cosine",
+        **_help("Stage-1 schedule: cosine (per step, warm-up from 0, decay to 0) or epoch_cosine (the reference's, "
+                "per epoch: warm-up from --prompt_warmup_lr, cosine to --prompt_min_lr at the last epoch; the "
+                "full-scale presets)."),
+    )
+    prompt_warmup_lr: float = field(default=1e-5, **_help("Stage-1 warm-up start lr of --prompt_lr_schedule epoch_cosine."))
+    prompt_min_lr: float = field(default=1e-6, **_help("Stage-1 final lr of --prompt_lr_schedule epoch_cosine."))
     prompt_init_std: float = field(default=0.02, **_help("Std of the N(0, std) prompt vector initialisation."))
 
     # ------------------------------------------------------------------ stages 2–3: sampling and schedule
@@ -100,6 +110,16 @@ class CCAFLTrainingArguments(TrainingArguments):
 
     # ------------------------------------------------------------------ augmentation (docs/method.md §6)
     random_erasing_prob: float = field(default=0.5, **_help("Probability of random erasing in the train transform."))
+    random_erasing_style: str = field(
+        default="torchvision",
+        **_help("torchvision (aspect ratio log-uniform, erased pixels set to the mean colour) or reference (the "
+                "authors' code: aspect uniform in [0.3, 1/0.3], pixels set to 0.485/0.456/0.406 after normalising)."),
+    )
+    image_normalization: str = field(
+        default="processor",
+        **_help("Input normalisation, stored with the trained model's processor: processor (the base model's, "
+                "CLIP's statistics for CLIP weights) or imagenet (the authors' code)."),
+    )
     color_jitter: float = field(
         default=0.0,
         **_help("Extension (not in the paper): brightness/contrast/saturation jitter of this strength (hue a "
@@ -138,6 +158,18 @@ class CCAFLTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ evaluation
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
+    eval_every_epochs: int = field(
+        default=0,
+        **_help("Also evaluate on query/gallery after every N-th epoch of the stage-2/3 loop (loop epochs N, 2N, ... "
+                "counted from 1; the full-scale presets: 10, as the reference); 0 = at the stage ends only. Every "
+                "evaluation is logged (report_to); eval_results.json reports the final model and records the best "
+                "evaluation under best_on_test (chosen on the test set: optimistic, as the reference reports)."),
+    )
+    save_best_checkpoint: bool = field(
+        default=False,
+        **_help("Keep the model of the best_on_test evaluation in checkpoints/icdl_ical/best_on_test/ (a model "
+                "folder, loadable with from_pretrained); chosen on the test set."),
+    )
 
     def __post_init__(self):
         self._resolve_mixed_precision()
@@ -256,6 +288,8 @@ ARGUMENT_RANGES = (
     ("prompt_weight_decay", _at_least(0), "a finite number >= 0"),
     ("prompt_warmup_epochs", _at_least(0), "a finite number >= 0"),
     ("prompt_init_std", _above(0), "a finite number > 0"),
+    ("prompt_warmup_lr", _at_least(0), "a finite number >= 0"),
+    ("prompt_min_lr", _at_least(0), "a finite number >= 0"),
     ("num_identities_per_batch", _at_least(2), "an integer >= 2 (P: a batch needs two identities to contrast)"),
     ("num_instances", _at_least(1), "an integer >= 1 (K)"),
     ("iters_per_epoch", _optional(_at_least(1)), "an integer >= 1, or None for one sampler pass"),
@@ -285,12 +319,19 @@ ARGUMENT_RANGES = (
     ("classifier_scale", _above(0), "a finite number > 0"),
     ("classifier_learning_rate", _above(0), "a finite number > 0"),
     ("classifier_weight_decay", _at_least(0), "a finite number >= 0"),
+    ("eval_every_epochs", _at_least(0), "an integer >= 0 (0 = evaluate at the stage ends only)"),
 )
 
 
 def validate_training_arguments(args: CCAFLTrainingArguments) -> None:
     """Check every `ARGUMENT_RANGES` entry (and the relations between fields); raise `ValueError` naming the
     first bad flag, its value and what is expected."""
+    for name, choices in (("random_erasing_style", ERASING_STYLES), ("image_normalization", IMAGE_NORMALIZATIONS)):
+        if getattr(args, name) not in choices:
+            raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    if args.prompt_lr_schedule not in PROMPT_LR_SCHEDULES:
+        raise ValueError(f"--prompt_lr_schedule must be one of {', '.join(PROMPT_LR_SCHEDULES)}, "
+                         f"got {args.prompt_lr_schedule!r}")
     if args.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}")
     for name, check, expected in ARGUMENT_RANGES:

@@ -10,9 +10,11 @@ evaluation at the end of each stage (through `evaluate`, so the metrics reach ``
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_STAGES = ("icdl", "ical")
 CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
+BEST_ON_TEST_FILE = "best_on_test.json"
+BEST_ON_TEST_DIR = "best_on_test"
+BEST_ON_TEST_LABEL = "test set (optimistic: model selection on the test set, as the reference reports)"
 
 
 class FixedLengthSampler(Sampler[int]):
@@ -81,7 +86,9 @@ class _LoopCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = self.trainer.loop_epoch
-        if epoch == self.trainer.stage_last_epoch(self.trainer.objective.name):
+        stage_end = epoch == self.trainer.stage_last_epoch(self.trainer.objective.name)
+        if stage_end or is_periodic_evaluation_epoch(epoch, self.trainer.args.eval_every_epochs):
+            self.trainer._mid_stage_evaluation = not stage_end  # periodic: not a stage's result
             control.should_evaluate = True  # the Trainer evaluates, then saves the epoch's checkpoint
         return control
 
@@ -162,6 +169,7 @@ class CCAFLTrainer(Trainer):
         self.stage_results: dict[str, dict[str, float]] = {}
         self.association_log: list[dict] = []
         self._loss_sums: dict[str, torch.Tensor] = {}
+        self._mid_stage_evaluation = False
         self._loss_counts = 0
         self.add_callback(_LoopCallback(self))
         if self.pop_callback(ProgressCallback) is not None:
@@ -360,18 +368,82 @@ class CCAFLTrainer(Trainer):
             return {}
         args: CCAFLTrainingArguments = self.args
         self._sync_from_main_process(self.training_module.model.buffers())
-        metrics = evaluate_reid_model(
-            self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
-            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-            mixed_precision=args.mixed_precision, flip=args.eval_flip, rerank=args.eval_rerank,
-            accelerator=self.accelerator, progress=not args.disable_tqdm,
-        )
+        # a periodic evaluation leaves the random state as it found it (its dataloaders draw a seed from it):
+        # training with --eval_every_epochs follows the same course as without
+        with torch.random.fork_rng(devices=[], enabled=self._mid_stage_evaluation):
+            metrics = evaluate_reid_model(
+                self.training_module.model, datasets["query"], datasets["gallery"], self.eval_collator,
+                batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+                mixed_precision=args.mixed_precision, flip=args.eval_flip, rerank=args.eval_rerank,
+                accelerator=self.accelerator, progress=not args.disable_tqdm,
+            )
         summary = {k: float(metrics[k]) for k in METRIC_KEYS}
-        self.stage_results[self.objective.name] = summary
+        if not self._mid_stage_evaluation:
+            self.stage_results[self.objective.name] = summary
+        self._mid_stage_evaluation = False
         logged = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in summary.items()}
-        self.log(logged)
+        self.log({**logged, f"{metric_key_prefix}_loop_epoch": self.loop_epoch + 1})
+        if args.eval_every_epochs or args.save_best_checkpoint:
+            self._record_best_on_test(summary, metric_key_prefix)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
         return logged
+
+    def _record_best_on_test(self, summary: dict[str, float], prefix: str) -> None:
+        """Write ``best_on_test.json`` (and, with ``save_best_checkpoint``, the model of a new best in
+        ``best_on_test/``) from the evaluations logged so far — ``state.log_history``, so a resumed loop
+        remembers the evaluations before its checkpoint. Main process only."""
+        best = best_logged_evaluation(self.state.log_history, prefix)
+        if best is None or not self.args.should_save:
+            return
+        output_dir = self.args.output_dir
+        if self.args.save_best_checkpoint:
+            best["checkpoint"] = BEST_ON_TEST_DIR
+            if best["epoch"] == self.loop_epoch + 1 and best["mAP"] == round(summary["mAP"], 4):  # this evaluation
+                _save_model_atomically(self.training_module.model, os.path.join(output_dir, BEST_ON_TEST_DIR))
+        os.makedirs(output_dir, exist_ok=True)
+        temporary = os.path.join(output_dir, BEST_ON_TEST_FILE + ".tmp")
+        with open(temporary, "w") as handle:
+            json.dump(best, handle, indent=2)
+        os.replace(temporary, os.path.join(output_dir, BEST_ON_TEST_FILE))
+
+
+def is_periodic_evaluation_epoch(loop_epoch: int, every: int) -> bool:
+    """``--eval_every_epochs``: whether the loop evaluates after (0-based) ``loop_epoch``, i.e. the 1-based
+    epoch is a multiple of ``every`` (never when ``every`` is 0)."""
+    return every > 0 and (loop_epoch + 1) % every == 0
+
+
+def best_logged_evaluation(log_history: list[dict], prefix: str = "eval") -> dict | None:
+    """The evaluation of highest mAP (the earliest on a tie) among those the loop logged, as
+    ``{"epoch": 1-based loop epoch, <metric>: value, ..., "selected_on": ...}``; None if there is none."""
+    evaluations = [e for e in log_history if f"{prefix}_mAP" in e and f"{prefix}_loop_epoch" in e]
+    if not evaluations:
+        return None
+    best = max(evaluations, key=lambda e: (e[f"{prefix}_mAP"], -e[f"{prefix}_loop_epoch"]))
+    metrics = {k: best[f"{prefix}_{k}"] for k in METRIC_KEYS if f"{prefix}_{k}" in best}
+    return {"epoch": int(best[f"{prefix}_loop_epoch"]), **metrics, "selected_on": BEST_ON_TEST_LABEL,
+            "num_evaluations": len(evaluations)}
+
+
+def read_best_on_test(output_dir: str | os.PathLike) -> dict | None:
+    """The ``best_on_test.json`` record a loop trainer wrote in ``output_dir``, or None."""
+    path = os.path.join(output_dir, BEST_ON_TEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _save_model_atomically(model, folder: str) -> None:
+    """``model.save_pretrained`` into a temporary sibling, then swapped in for ``folder``."""
+    temporary, previous = folder + ".tmp", folder + ".old"
+    for path in (temporary, previous):
+        shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(temporary)
+    if os.path.isdir(folder):
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 class ICDLTrainer(CCAFLTrainer):
@@ -391,4 +463,5 @@ class ICALTrainer(CCAFLTrainer):
         super().__init__(*args, **kwargs)
 
 
-__all__ = ["CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback"]
+__all__ = ["CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback",
+           "best_logged_evaluation", "is_periodic_evaluation_epoch", "read_best_on_test"]
