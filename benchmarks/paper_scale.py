@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
         identity_features = identity_mean_features(features, intra_ids, n)
         labels = associate_across_cameras(identity_features, identity_camids.numpy(),
                                           int(round(args.association_rate * n)))
-        module.set_pseudo_labels(torch.as_tensor(labels), identity_features)
+        module.set_pseudo_labels(torch.as_tensor(labels), features, intra_ids)
     print(f"association: {int(labels.max()) + 1} pseudo-identities, {int((labels >= 0).sum())}/{n} identities",
           flush=True)
     msmt = PAPER_SIZES["MSMT17"]

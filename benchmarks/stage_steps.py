@@ -84,7 +84,7 @@ def main() -> None:
     half = n // 2
     pseudo[:half] = torch.arange(half)
     pseudo[half:2 * half] = torch.arange(half)
-    module.set_pseudo_labels(pseudo, F.normalize(torch.randn(n, dim), dim=1))
+    module.set_pseudo_labels(pseudo, F.normalize(torch.randn(n, dim), dim=1), torch.arange(n))  # an image each
 
     pixels = torch.randn(b, 3, *model.config.image_size)
     intra_ids = torch.randint(0, half, (b // 4,)).repeat_interleave(4)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ccafl_hf.losses import (
     adversarial_identity_loss,
+    angular_margin_cosine,
     batch_hard_triplet_loss,
     centroid_triplet_loss,
     inter_camera_image_text_loss,
@@ -103,8 +104,9 @@ def _ref_adversarial(z, ids, id_cams, pseudo, m, s, tau, eps):
                            if pseudo[y] >= 0 and pseudo[n] == pseudo[y] and id_cams[n] != id_cams[y]]
         logits = []
         for n in range(len(id_cams)):
-            if n == y:
-                value = math.cos(math.acos(float(z[b, n])) + m)
+            if n == y:  # §5 margin; past pi the reference's (ArcFace's) fallback cos - m sin m
+                theta = math.acos(float(z[b, n]))
+                value = math.cos(theta + m) if theta + m < math.pi else float(z[b, n]) - m * math.sin(m)
             elif id_cams[n] == id_cams[y]:
                 value = (1 + tau) * float(z[b, n]) + tau
             else:
@@ -312,6 +314,59 @@ def test_adversarial_unassociated_is_margin_cross_entropy():
     got = adversarial_identity_loss(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin=0.3, epsilon=0.8)
     ref = _ref_adversarial(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, 0.3, 16.0, 0.2, 0.0)
     assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def _ref_adversarial_autograd(z, ids, id_cams, pseudo, m, s, tau, eps):
+    """The reference rule (margin branch past pi included) sample by sample on float64 scalars, with
+    autograd, so its gradient can be compared too."""
+    total = 0.0
+    for b in range(len(ids)):
+        y = int(ids[b])
+        positives = [y] + [n for n in range(len(id_cams))
+                           if pseudo[y] >= 0 and pseudo[n] == pseudo[y] and id_cams[n] != id_cams[y]]
+        logits = []
+        for n in range(len(id_cams)):
+            zn = z[b, n]
+            if n == y:
+                if zn > math.cos(math.pi - m):  # theta + m < pi
+                    value = zn * math.cos(m) - torch.sqrt(1 - zn * zn) * math.sin(m)
+                else:
+                    value = zn - m * math.sin(m)
+            elif id_cams[n] == id_cams[y]:
+                value = (1 + tau) * zn + tau
+            else:
+                value = zn
+            logits.append(s * value)
+        negatives = sum(torch.exp(logits[n]) for n in range(len(id_cams)) if n not in positives)
+        for k in positives:
+            q = eps / len(positives) + (1 - eps if k == y else 0.0)
+            total = total - q * (logits[k] - torch.log(negatives + torch.exp(logits[k])))
+    return total / len(ids)
+
+
+@pytest.mark.parametrize("margin", [0.7, 0.3])
+def test_adversarial_margin_past_pi_matches_reference(margin):
+    """Own-class cosine -0.9: theta + m > pi for m = 0.7 (the fallback cos - m sin m), < pi for m = 0.3;
+    value and gradient equal the reference rule, and the fallback is monotone (never rewards a worse angle)."""
+    ids = torch.tensor([0, 1, 6, 8])
+    z = torch.rand(len(ids), N, generator=torch.Generator().manual_seed(31), dtype=torch.float64) * 1.6 - 0.8
+    z[torch.arange(len(ids)), ids] = -0.9
+    z[1, ids[1]] = 0.2  # one sample on the ordinary branch
+    assert (math.acos(-0.9) + margin > math.pi) == (margin == 0.7)
+    ours = z.clone().requires_grad_(True)
+    loss = adversarial_identity_loss(ours, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin=margin)
+    loss.backward()
+    ref_z = z.clone().requires_grad_(True)
+    ref = _ref_adversarial_autograd(ref_z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin, 16.0, 0.2, 0.8)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
+    adjusted = angular_margin_cosine(torch.linspace(-1, 1, 2001, dtype=torch.float64), margin)
+    assert (adjusted.diff() > 0).all()  # monotone in the cosine on both branches
+    if margin == 0.7:  # the fallback value at -0.9 is -0.9 - 0.7 sin 0.7, not cos(acos(-0.9) + 0.7)
+        value = angular_margin_cosine(torch.tensor([-0.9], dtype=torch.float64), margin).item()
+        assert value == pytest.approx(-0.9 - 0.7 * math.sin(0.7))
+        assert value != pytest.approx(math.cos(math.acos(-0.9) + 0.7), abs=1e-3)
 
 
 def test_adversarial_gradient_finite_at_unit_cosine():

@@ -34,7 +34,7 @@ def _initialized_memory(
 
 def test_camera_memory_initialize_matches_loop():
     memory, feats, ids = _initialized_memory()
-    assert bool(memory.initialized) and (memory.pointers == 0).all()
+    assert bool(memory.initialized)
     for n in range(N):
         own = feats[ids == n]
         torch.testing.assert_close(memory.centroids[n], F.normalize(own.mean(0), dim=0))
@@ -62,31 +62,35 @@ def test_camera_memory_initialize_requires_every_identity():
         memory.initialize(_features(7, 0), torch.arange(7))
 
 
-def _ref_update(centroids, instances, pointers, feats, ids, momentum):
-    """Sequential rule: each sample in batch order takes its identity's pointer slot, pointer += 1."""
-    centroids, instances, pointers = centroids.clone(), instances.clone(), pointers.clone()
+def _ref_update(centroids, instances, feats, ids, momentum):
+    """The reference's rule, identity by identity: its c samples of the batch, in batch order, overwrite
+    slots 1..c (always from the first slot; the others untouched); c > I is out of the reference's range,
+    ours keeps the first I. Centroid <- normalize(m c + (1 - m) mean)."""
+    centroids, instances = centroids.clone(), instances.clone()
     slots = instances.shape[1]
-    for b in range(len(ids)):
-        y = int(ids[b])
-        instances[y, pointers[y]] = feats[b]
-        pointers[y] = (pointers[y] + 1) % slots
-    for y in set(ids.tolist()):
-        mean = feats[ids == y].mean(0)
-        centroids[y] = F.normalize(momentum * centroids[y] + (1 - momentum) * mean, dim=0)
-    return centroids, instances, pointers
+    for y in sorted(set(ids.tolist())):
+        own = feats[ids == y]
+        for j in range(min(len(own), slots)):
+            instances[y, j] = own[j]
+        centroids[y] = F.normalize(momentum * centroids[y] + (1 - momentum) * own.mean(0), dim=0)
+    return centroids, instances
 
 
 def test_camera_memory_update_matches_loop():
     memory, _, _ = _initialized_memory(num_instances=3)
-    state = (memory.centroids.clone(), memory.instances.clone(), memory.pointers.clone())
-    for step in range(3):  # identity 4 appears 5 times (> I = 3) in every batch: wrap-around
+    initial = memory.instances.clone()
+    state = (memory.centroids.clone(), memory.instances.clone())
+    for step in range(3):  # identity 4 appears 5 times (> I = 3): its first 3 samples are written
         ids = torch.tensor([4, 0, 4, 4, 8, 4, 0, 4, 2])
         feats = _features(len(ids), 10 + step)
         memory.update(feats, ids)
         state = _ref_update(*state, feats, ids, 0.1)
         torch.testing.assert_close(memory.centroids, state[0])
         torch.testing.assert_close(memory.instances, state[1], rtol=0, atol=0)
-        assert torch.equal(memory.pointers, state[2])
+    # identities 0, 8, 2 (2, 1, 1 samples per batch): the slots past their count keep the rebuild's features
+    torch.testing.assert_close(memory.instances[0, 2:], initial[0, 2:], rtol=0, atol=0)
+    torch.testing.assert_close(memory.instances[[8, 2], 1:], initial[[8, 2], 1:], rtol=0, atol=0)
+    torch.testing.assert_close(memory.instances[0, :2], feats[ids == 0], rtol=0, atol=0)  # the latest batch
     assert torch.allclose(memory.centroids.norm(dim=1), torch.ones(N))
     untouched = [1, 3, 5, 6, 7]
     fresh, _, _ = _initialized_memory(num_instances=3)
@@ -177,11 +181,13 @@ def test_camera_memory_state_dict_round_trip():
     memory, _, _ = _initialized_memory(num_instances=3)
     memory.update(_features(4, 30), torch.tensor([0, 0, 5, 7]))
     state = memory.state_dict()
-    assert set(state) == {"centroids", "instances", "identity_camids", "pointers", "initialized"}
+    assert set(state) == {"centroids", "instances", "identity_camids", "initialized"}
     restored = CameraMemory(N, D, IDENTITY_CAMIDS, num_instances=3)
     restored.load_state_dict(state)
     for name, value in state.items():
         assert torch.equal(getattr(restored, name), value), name
+    # a checkpoint of the earlier cyclic rule (with its per-identity pointers) still loads
+    restored.load_state_dict({**state, "pointers": torch.zeros(N, dtype=torch.long)})
 
 
 def test_camera_memory_loaded_camera_layout_updates_the_blocks():

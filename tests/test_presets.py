@@ -25,7 +25,8 @@ COMMON = dict(
     memory_instances=32, memory_temperature=0.05, memory_momentum=0.1, triplet_margin=0.3, label_smoothing=0.1,
     adversarial_epsilon=0.8, adversarial_tau=0.2, classifier_scale=16.0, random_erasing_prob=0.5,
     prompt_epochs=60, prompt_batch_size=64, prompt_learning_rate=3.5e-4, prompt_weight_decay=1e-4,
-    prompt_warmup_epochs=5,
+    prompt_warmup_epochs=5, prompt_lr_schedule="epoch_cosine", prompt_warmup_lr=1e-5, prompt_min_lr=1e-6,
+    eval_every_epochs=10, save_best_checkpoint=False,
 )
 RECIPES = {
     "paper": dict(model="timm/resnet50_clip.openai", optimizer="adam", bias_lr_factor=2.0,

@@ -36,8 +36,10 @@ class IdentityClassifier(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Random unit directions (the weights are L2-normalised in use, so only directions matter)."""
-        nn.init.normal_(self.weight, std=0.01)
+        """Xavier-uniform, ``U(-a, a)`` with ``a = sqrt(6 / (N + D))``, as the reference. The weights are
+        L2-normalised in use, but their norm still matters: Adam moves every weight by about lr per step,
+        so the row norm (about ``a sqrt(D / 3)``) sets how fast a class direction turns."""
+        nn.init.xavier_uniform_(self.weight)
 
     def extra_repr(self) -> str:
         return f"num_identities={self.num_identities}, feature_dim={self.feature_dim}, scale={self.scale}"

@@ -138,11 +138,7 @@ def open_clip_config_kwargs(checkpoint: OpenCLIPCheckpoint) -> dict[str, Any]:
                          "and cannot be converted")
     vision = cfg["vision_cfg"]
     width, vocab = int(text.get("width", 512)), int(text.get("vocab_size", 49408))
-    # OpenAI's CLIP weights were trained with QuickGELU; a config that does not say (open_clip keeps that flag
-    # on the pretrained tag, not always in the model config) is read as QuickGELU for an ``*openai*`` source
-    quick_gelu = cfg.get("quick_gelu")
-    if quick_gelu is None:
-        quick_gelu = "openai" in str(checkpoint.name).lower()
+    quick_gelu = text_activation_is_quick_gelu(checkpoint)
     text_config = {
         "vocab_size": vocab,
         "hidden_size": width,
@@ -164,6 +160,27 @@ def open_clip_config_kwargs(checkpoint: OpenCLIPCheckpoint) -> dict[str, Any]:
         "image_size": int(vision.get("image_size", 224)),
     }
     return {"text_config": text_config, "vision_config": vision_config, "projection_dim": int(cfg["embed_dim"])}
+
+
+def text_activation_is_quick_gelu(checkpoint: OpenCLIPCheckpoint) -> bool:
+    """Whether the text tower uses QuickGELU (OpenAI's CLIP weights) or GELU.
+
+    The config's ``model_cfg.quick_gelu`` decides. open_clip keeps that flag on the pretrained tag rather than
+    in every exported config, so a config that does not say is read as QuickGELU when the checkpoint's name
+    carries open_clip's ``openai`` tag (e.g. ``timm/resnet50_clip.openai``). Anything else is refused rather
+    than guessed: the wrong activation loads without error and silently degrades every text feature.
+
+    Raises:
+        ValueError: neither the config nor the name says (one line naming the key to add).
+    """
+    flag = checkpoint.model_cfg.get("quick_gelu")
+    if flag is not None:
+        return bool(flag)
+    if "openai" in str(checkpoint.name).lower():
+        return True
+    raise ValueError(f"{checkpoint.name}: its {OPEN_CLIP_CONFIG} does not say whether the text tower uses QuickGELU "
+                     "and its name has no 'openai' tag; add \"quick_gelu\": true (OpenAI's CLIP weights) or false "
+                     "(weights trained with GELU) to its model_cfg")
 
 
 _VISION_RULES = [

@@ -17,12 +17,14 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "adversarial_identity_loss",
+    "angular_margin_cosine",
     "batch_hard_triplet_loss",
     "centroid_triplet_loss",
     "fp32_region",
@@ -380,6 +382,21 @@ def centroid_triplet_loss(
 # ----------------------------------------------------------------------------------------------
 
 
+def angular_margin_cosine(cosines: torch.Tensor, margin: float) -> torch.Tensor:
+    """ArcFace's additive angular margin on cosines ``z`` (any shape), with its fallback past ``pi``.
+
+    ``cos(theta + m)`` with ``theta = arccos z`` while ``theta + m < pi`` (``z > cos(pi - m)``); beyond,
+    where ``cos(theta + m)`` would rise again with ``theta``, the monotone ``z - m sin(m)`` (the reference's
+    and ArcFace's rule; the value jumps at ``theta = pi - m``). ``cos(theta + m)`` is evaluated as
+    ``z cos m - sqrt(1 - z^2) sin m``, whose gradient is finite everywhere except ``|z| = 1``, where the
+    square root is clamped (``1 - z^2 >= 1e-12``).
+    """
+    z = cosines
+    sine = (1.0 - z * z).clamp_min(1e-12).sqrt()
+    shifted = z * math.cos(margin) - sine * math.sin(margin)
+    return torch.where(z > math.cos(math.pi - margin), shifted, z - margin * math.sin(margin))
+
+
 def adversarial_identity_loss(
     cosines: torch.Tensor,
     intra_ids: torch.Tensor,
@@ -398,7 +415,8 @@ def adversarial_identity_loss(
       *other* cameras. Members of the same component that share ``y``'s camera (possible through chains
       of accepted pairs) are not positives; they are treated like every other same-camera identity.
       If ``y`` is unassociated (``g = -1``), ``P = {y}``; callers normally leave such samples out.
-    * ``z_y <- cos(arccos(z_y) + margin)`` (additive angular margin on the own logit);
+    * ``z_y <- cos(arccos(z_y) + margin)`` (additive angular margin on the own logit) while
+      ``arccos(z_y) + margin < pi``, else ``z_y - margin sin(margin)`` (`angular_margin_cosine`);
       ``z_n <- (1 + tau) z_n + tau`` for the other identities of camera ``c``; all logits ``× scale``.
     * for ``k in P``: ``log p_k = s z_k - log(sum_{n not in P} exp(s z_n) + exp(s z_k))``.
     * ``q = (1 - eps) onehot(y) + eps / |P|`` on ``P``; loss ``= -sum_{k in P} q_k log p_k``.
@@ -433,9 +451,7 @@ def adversarial_identity_loss(
         partner = (sample_group >= 0) & (pseudo_labels.unsqueeze(0) == sample_group) & ~same_camera
         positive = own | partner
 
-        eps_acos = 1e-6  # keeps d arccos / dz finite at |z| = 1
-        theta = torch.acos(z.clamp(-1.0 + eps_acos, 1.0 - eps_acos))
-        adjusted = torch.where(own, torch.cos(theta + margin), z)
+        adjusted = torch.where(own, angular_margin_cosine(z, margin), z)
         adjusted = torch.where(same_camera & ~own, (1.0 + same_camera_tau) * z + same_camera_tau, adjusted)
         logits = scale * adjusted
 

@@ -3,6 +3,7 @@
 * `CameraMemory` — the ICDL camera memories: a centroid and ``I`` instance slots per intra-camera
   identity, with centroid and hard-instance losses restricted to the sample's own camera.
 * `ClusterMemory` — the ICAL global memory: one centroid per pseudo-identity.
+* `cluster_features` — a new association's centroids and text features, weighted by image counts.
 
 All state lives in registered buffers, so it is part of ``state_dict`` (checkpoints and resume carry
 it). Updates are ``@torch.no_grad()``, vectorised, and deterministic given their inputs; under several
@@ -22,7 +23,7 @@ from .losses import _check_labels, _check_matrix, _masked_mean, fp32_region, red
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CameraMemory", "ClusterMemory"]
+__all__ = ["CameraMemory", "ClusterMemory", "cluster_features"]
 
 
 def _check_momentum(momentum: float) -> None:
@@ -56,12 +57,13 @@ class CameraMemory(nn.Module):
     """Per-camera identity memory of ICDL (docs/method.md §4), for all cameras at once.
 
     Buffers: ``centroids`` ``[N, D]`` (L2-normalised), ``instances`` ``[N, I, D]``, ``identity_camids``
-    ``[N]``, ``pointers`` ``[N]`` (next instance slot of each identity) and ``initialized`` (bool).
+    ``[N]`` and ``initialized`` (bool).
 
-    Instance update rule (cyclic pointer): when an identity has ``k`` samples in a batch, its ``j``-th
-    sample in batch order (``j = 0..k-1``) is written to slot ``(pointer + j) mod I`` and the pointer
-    advances to ``(pointer + k) mod I``. If ``k > I`` only the last ``I`` samples are written, so each
-    slot is written once per update and the result is deterministic.
+    Instance update rule (the reference's): when an identity has ``k`` samples in a batch, its ``j``-th
+    sample in batch order (``j = 0..k-1``) is written to slot ``j`` — always from the first slot — and
+    slots ``k..I-1`` keep what they hold. With ``K <= I`` (8 <= 32 in every preset) the first ``K`` slots
+    hold the identity's latest batch and the others the features sampled at the epoch's rebuild. If
+    ``k > I`` (the reference would fail) only the first ``I`` samples are written.
 
     Loss reduction: every sample's cross-entropy runs over its own camera's identities (others masked
     with ``-inf``). ``reduction="camera_sum"`` is the reference's: per camera the mean over its samples,
@@ -79,7 +81,6 @@ class CameraMemory(nn.Module):
     centroids: torch.Tensor
     instances: torch.Tensor
     identity_camids: torch.Tensor
-    pointers: torch.Tensor
     initialized: torch.Tensor
 
     def __init__(
@@ -109,7 +110,6 @@ class CameraMemory(nn.Module):
         self.register_buffer("centroids", torch.zeros(num_identities, feature_dim, device=device))
         self.register_buffer("instances", torch.zeros(num_identities, num_instances, feature_dim, device=device))
         self.register_buffer("identity_camids", identity_camids.detach().long().clone())
-        self.register_buffer("pointers", torch.zeros(num_identities, dtype=torch.long, device=device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self._cache_camera_blocks()
         # loading a state dict may bring other identity cameras: the cached blocks follow them
@@ -125,6 +125,11 @@ class CameraMemory(nn.Module):
         _check_matrix(features, "features", cols=self.feature_dim)
         _check_labels(intra_ids, "intra_ids", features.shape[0], upper=self.num_identities)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # checkpoints of the earlier cyclic slot rule carry its per-identity pointers: no longer state
+        state_dict.pop(prefix + "pointers", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _require_initialized(self) -> None:
         if not bool(self.initialized):
             raise RuntimeError("CameraMemory is not initialised: call initialize() with features of every identity")
@@ -136,8 +141,7 @@ class CameraMemory(nn.Module):
         """Rebuild the memory from the features of the whole training set.
 
         Centroid of identity ``n`` = L2-normalised mean of its features; its ``I`` instance slots are
-        filled by sampling its features uniformly with replacement. Pointers are reset to 0. Under
-        several processes pass a generator seeded identically on every rank.
+        filled by sampling its features uniformly with replacement. Under several processes pass a generator seeded identically on every rank.
 
         Args:
             features: ``[M, D]`` retrieval features (L2-normalised).
@@ -163,7 +167,6 @@ class CameraMemory(nn.Module):
         u = torch.rand(n, self.num_instances, generator=generator, device=rand_device).to(device)
         offset = torch.minimum((u * counts.unsqueeze(1)).long(), counts.unsqueeze(1) - 1)
         self.instances.copy_(x[order[starts.unsqueeze(1) + offset]])
-        self.pointers.zero_()
         self.initialized.fill_(True)
         logger.debug("CameraMemory initialised from %d features of %d identities", x.shape[0], n)
 
@@ -172,7 +175,7 @@ class CameraMemory(nn.Module):
         """Write a batch into the memory (in the training step: after the backward pass, before the optimiser
         step, with the step's detached features).
 
-        Instance slots follow the cyclic-pointer rule of the class docstring; for every identity in
+        Instance slots follow the reference's rule of the class docstring; for every identity in
         the batch, ``c <- normalize(m c + (1 - m) mean of its batch features)``.
 
         Args:
@@ -187,10 +190,8 @@ class CameraMemory(nn.Module):
         ids = intra_ids.to(device).long()
         rank, counts = _rank_within_label(ids, n)
 
-        keep = rank >= (counts[ids] - slots)  # the last I samples of each identity
-        slot = (self.pointers[ids] + rank) % slots
-        self.instances[ids[keep], slot[keep]] = x[keep]
-        self.pointers.copy_((self.pointers + counts) % slots)
+        keep = rank < slots  # the j-th sample of an identity goes to slot j (the first I samples)
+        self.instances[ids[keep], rank[keep]] = x[keep]
 
         present = counts > 0
         sums = torch.zeros_like(self.centroids).index_add_(0, ids, x)
@@ -398,3 +399,49 @@ class ClusterMemory(nn.Module):
         clusters = present.nonzero().squeeze(1)
         moved = self.momentum * self.centroids[clusters] + (1.0 - self.momentum) * x[hardest[clusters]]
         self.centroids[clusters] = F.normalize(moved, dim=1)
+
+
+@torch.no_grad()
+def cluster_features(
+    pseudo_labels: torch.Tensor,
+    image_features: torch.Tensor,
+    image_intra_ids: torch.Tensor,
+    text_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ICAL global memory's centroids and the per-cluster text features of an association (docs/method.md
+    §5), both averaged over the cluster's **images**, as the reference: an identity weighs its image count.
+
+    ``centroid_g = normalize(sum of the image features of g)``;
+    ``text_g = sum_{i in g} n_i t_i / sum_{i in g} n_i`` (not normalised), ``n_i`` = images of identity ``i``.
+
+    Args:
+        pseudo_labels: ``[N]`` pseudo-identity of every intra-camera identity, ``0..C-1`` or ``-1``.
+        image_features: ``[M, D]`` L2-normalised retrieval features of the training images.
+        image_intra_ids: ``[M]`` intra-camera identity of each image.
+        text_features: ``[N, P]`` stage-1 text feature of every identity, or None.
+    Returns:
+        ``centroids`` ``[C, D]`` (fp32, L2-normalised) and ``texts`` ``[C, P]`` (fp32; None without text
+        features), on ``pseudo_labels``' device.
+    """
+    n = pseudo_labels.numel()
+    _check_labels(pseudo_labels, "pseudo_labels", n, upper=n, allow_unlabelled=True)
+    _check_matrix(image_features, "image_features")
+    _check_labels(image_intra_ids, "image_intra_ids", image_features.shape[0], upper=n)
+    device = pseudo_labels.device
+    labels = pseudo_labels.long()
+    num_clusters = int(labels.max()) + 1 if n and bool((labels >= 0).any()) else 0
+    image_labels = labels[image_intra_ids.to(device).long()]
+    keep = image_labels >= 0
+    x = image_features.detach().to(device=device, dtype=torch.float32)[keep]
+    sums = torch.zeros(num_clusters, x.shape[1], device=device).index_add_(0, image_labels[keep], x)
+    centroids = F.normalize(sums, dim=1)
+    if text_features is None:
+        return centroids, None
+    _check_matrix(text_features, "text_features", rows=n)
+    counts = torch.bincount(image_intra_ids.to(device).long(), minlength=n).to(torch.float32)  # n_i
+    associated = labels >= 0
+    t = text_features.detach().to(device=device, dtype=torch.float32)
+    weighted = torch.zeros(num_clusters, t.shape[1], device=device).index_add_(
+        0, labels[associated], counts[associated].unsqueeze(1) * t[associated])
+    totals = torch.zeros(num_clusters, device=device).index_add_(0, labels[associated], counts[associated])
+    return centroids, weighted / totals.clamp_min(1).unsqueeze(1)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, set_seed
 
 from ..data import ReIDCollator, build_eval_transform, build_train_transform
+from ..data.transforms import image_normalization
 from ..evaluation import evaluate_splits
 from ..prompts import IdentityPromptLearner, save_text_features
 from ..trainers import (
@@ -33,7 +34,7 @@ from ..trainers import (
     FeatureCache,
     PromptLearningTrainer,
 )
-from ..trainers.base import CLASSIFIER_OPTIMIZER_NAME, IMAGE_STAGES
+from ..trainers.base import CLASSIFIER_OPTIMIZER_NAME, IMAGE_STAGES, read_best_on_test
 from ..trainers.configs import extraction_options
 from ..trainers.validation import check_against_data
 from .artifacts import push_output_dir, save_artifacts
@@ -122,10 +123,14 @@ class TrainingRun:
             write_json(self.folder.path / SETTINGS_FILE, resolved_settings(self.model_args, self.data_args, self.args))
         self.process.wait_for_everyone()
         self.model.to(self.args.device)
-        mean, std = self.processor.image_processor.image_mean, self.processor.image_processor.image_std
+        image_processor = self.processor.image_processor
+        mean, std = image_normalization(self.args.image_normalization, image_processor.image_mean,
+                                        image_processor.image_std)
+        image_processor.image_mean, image_processor.image_std = mean, std  # saved with the trained model
         height, width = self.model.config.image_size
         self.train_collator = ReIDCollator(build_train_transform(
-            height, width, mean, std, erasing_p=self.args.random_erasing_prob, color_jitter=self.args.color_jitter))
+            height, width, mean, std, erasing_p=self.args.random_erasing_prob,
+            erasing_style=self.args.random_erasing_style, color_jitter=self.args.color_jitter))
         self.eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
         self.has_eval_split = len(self.dataset["query"]) > 0 and len(self.dataset["gallery"]) > 0
 
@@ -237,6 +242,9 @@ class TrainingRun:
         names = ["untrained", *self.args.stages]
         results = {**self.manifests[names[-1]]["metrics"],
                    "stages": {s: self.manifests[s]["metrics"] for s in names}}
+        best = self._best_on_test()
+        if best is not None:  # --eval_every_epochs / --save_best_checkpoint: the best evaluation, chosen on the test set
+            results["best_on_test"] = best
         if self.process.is_main_process:
             out = self.folder.path
             size = 2 * _nbytes(self.model.state_dict().values()) + (1 << 20)
@@ -276,6 +284,16 @@ class TrainingRun:
 
     def _explicit(self, group: str) -> str | None:
         return self.explicit[1] if self.explicit is not None and self.explicit[0] == group else None
+
+    def _best_on_test(self) -> dict | None:
+        """The loop trainer's ``best_on_test`` record (its checkpoint relative to the run folder), or None."""
+        if not any(s in IMAGE_STAGES for s in self.args.stages):
+            return None
+        loop_dir = Path(self.args.stage_output_dir(LOOP_CHECKPOINTS))
+        best = read_best_on_test(loop_dir)
+        if best is not None and best.get("checkpoint"):
+            best["checkpoint"] = (loop_dir / best["checkpoint"]).relative_to(self.folder.path).as_posix()
+        return best
 
     def _identity_camids(self) -> torch.Tensor:
         return torch.as_tensor(self.info.identity_camids, dtype=torch.long)

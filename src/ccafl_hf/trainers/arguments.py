@@ -32,7 +32,7 @@ REPLACED_TRAINER_FLAGS = {
     "per_device_train_batch_size": "--prompt_batch_size (stage 1) and --num_identities_per_batch x --num_instances "
                                    "(stages 2-3)",
     "lr_scheduler_type": "--warmup_epochs, --warmup_factor, --lr_decay_epochs and --lr_decay_gamma (stages 2-3; "
-                         "stage 1 is cosine with --prompt_warmup_epochs)",
+                         "stage 1: --prompt_lr_schedule and --prompt_warmup_epochs)",
     "lr_scheduler_kwargs": "--warmup_epochs, --warmup_factor, --lr_decay_epochs and --lr_decay_gamma",
     "warmup_steps": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
     "warmup_ratio": "--warmup_epochs and --warmup_factor (stage 1: --prompt_warmup_epochs)",
@@ -69,10 +69,28 @@ class CCAFLTrainingArguments(CCAFLTrainerConfig):
     prompt_learning_rate: float = field(default=3.5e-4, **_help("Stage-1 Adam learning rate."))
     prompt_weight_decay: float = field(default=1e-4, **_help("Stage-1 Adam weight decay."))
     prompt_warmup_epochs: float = field(default=5, **_help("Stage-1 linear warm-up epochs before cosine decay."))
+    prompt_lr_schedule: Literal["cosine", "epoch_cosine"] = field(
+        default="cosine",
+        **_help("Stage-1 schedule: cosine (per step, warm-up from 0, decay to 0) or epoch_cosine (the reference's, "
+                "per epoch: warm-up from --prompt_warmup_lr, cosine to --prompt_min_lr at the last epoch; the "
+                "full-scale presets)."),
+    )
+    prompt_warmup_lr: float = field(default=1e-5, **_help("Stage-1 warm-up start lr of --prompt_lr_schedule epoch_cosine."))
+    prompt_min_lr: float = field(default=1e-6, **_help("Stage-1 final lr of --prompt_lr_schedule epoch_cosine."))
     prompt_init_std: float = field(default=0.02, **_help("Std of the N(0, std) prompt vector initialisation."))
 
     # ------------------------------------------------------------------ augmentation (docs/method.md §6)
     random_erasing_prob: float = field(default=0.5, **_help("Probability of random erasing in the train transform."))
+    random_erasing_style: Literal["torchvision", "reference"] = field(
+        default="torchvision",
+        **_help("torchvision (aspect ratio log-uniform, erased pixels set to the mean colour) or reference (the "
+                "authors' code: aspect uniform in [0.3, 1/0.3], pixels set to 0.485/0.456/0.406 after normalising)."),
+    )
+    image_normalization: Literal["processor", "imagenet"] = field(
+        default="processor",
+        **_help("Input normalisation, stored with the trained model's processor: processor (the base model's, "
+                "CLIP's statistics for CLIP weights) or imagenet (the authors' code)."),
+    )
     color_jitter: float = field(
         default=0.0,
         **_help("Extension (not in the paper): brightness/contrast/saturation jitter of this strength (hue a "

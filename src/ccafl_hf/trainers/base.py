@@ -13,9 +13,11 @@ stage (through `evaluate`, so the metrics reach ``report_to``).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..association import association_diagnostics, identity_mean_features
 from ..data.samplers import FixedLengthSampler, RandomIdentitySampler
 from ..errors import NonFiniteError
-from ..evaluation import evaluate_splits, extract_features
+from ..evaluation import METRIC_KEYS, evaluate_splits, extract_features
 from .arguments import CCAFLTrainingArguments
 from .configs import IMAGE_STAGES, CCAFLTrainerConfig, derive, extraction_options
 from .distributed import configure_processes, global_batch
@@ -37,6 +39,9 @@ from .training_module import CCAFLForTraining, set_image_stage_trainable
 logger = logging.getLogger(__name__)
 
 CLASSIFIER_OPTIMIZER_NAME = "classifier_optimizer.pt"
+BEST_ON_TEST_FILE = "best_on_test.json"
+BEST_ON_TEST_DIR = "best_on_test"
+BEST_ON_TEST_LABEL = "test set (optimistic: model selection on the test set, as the reference reports)"
 
 
 class _LoopCallback(TrainerCallback):
@@ -60,7 +65,9 @@ class _LoopCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = self.trainer.loop_epoch
-        if epoch == self.trainer.stage_last_epoch(self.trainer.current_stage):
+        stage_end = epoch == self.trainer.stage_last_epoch(self.trainer.current_stage)
+        if stage_end or is_periodic_evaluation_epoch(epoch, self.trainer.args.eval_every_epochs):
+            self.trainer._mid_stage_evaluation = not stage_end  # periodic: not a stage's result
             control.should_evaluate = True  # the Trainer evaluates, then saves the epoch's checkpoint
         return control
 
@@ -140,6 +147,7 @@ class CCAFLTrainer(Trainer):
         self.stage_results: dict[str, dict[str, float]] = {}
         self.association_log: list[dict] = []
         self._loss_sums: dict[str, torch.Tensor] = {}
+        self._mid_stage_evaluation = False
         self._loss_counts = 0
         self.add_callback(_LoopCallback(self))
         if self.pop_callback(ProgressCallback) is not None:
@@ -218,7 +226,7 @@ class CCAFLTrainer(Trainer):
             result, pairs = objective.associate(identity_features, module.identity_camids)
             labels = torch.as_tensor(result, dtype=torch.long, device=identity_features.device)
         labels = broadcast(labels, from_process=0)
-        module.set_pseudo_labels(labels, identity_features)
+        module.set_pseudo_labels(labels, extracted.reid_features, intra_ids)
         labels_np = labels.cpu().numpy()
         record = {"num_clusters": int(labels_np.max() + 1) if labels_np.size else 0,
                   "num_associated": int((labels_np >= 0).sum())}
@@ -312,9 +320,14 @@ class CCAFLTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------- training
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The epoch's objective on the model's outputs of the batch, with the module as explicit state.
-        With ``return_outputs``: ``(loss, {"losses": {name: loss}, "reid_features": [B, D] detached})``."""
+        """The epoch's objective on the model's outputs of the batch, with the module as explicit state. In
+        training, the global-ID classifier's own Adam steps between the encoder's forward and the losses (on the
+        detached features of every process), so the adversarial loss reads its updated weights (the reference's
+        order, docs/method.md §5). With ``return_outputs``: ``(loss, {"losses": {name: loss}, "reid_features":
+        [B, D] detached})``."""
         outputs = model(pixel_values=inputs["pixel_values"])
+        if model.training:
+            self._classifier_loss = self._classifier_step_on(outputs.reid_features, inputs["intra_ids"])
         module = self.training_module
         batch = (outputs, inputs["intra_ids"], inputs["camids"])
         if module.losses_on_global_batch:  # several processes: the losses of the whole global batch
@@ -325,12 +338,20 @@ class CCAFLTrainer(Trainer):
             return total
         return total, {"losses": losses, "reid_features": outputs.reid_features.detach()}
 
+    def _classifier_step_on(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
+        """One step of the global-ID classifier (`classifier_step`) on the detached features ``[B, D]`` and
+        identities ``[B]`` of every process (so all ranks keep identical classifiers); returns its loss."""
+        gathered = self.accelerator.gather(features.detach().contiguous())
+        return self.classifier_step(gathered, self.accelerator.gather(intra_ids.contiguous()))
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward + backward of the active objective, the non-finite check of the losses and the gradient
-        norm, then — with the features and labels of every process — the memory update and one step of the
-        global-ID classifier's own Adam."""
+        """Forward of the active objective — the global-ID classifier's own Adam steps inside it, after the
+        encoder and before the losses, as the reference (`compute_loss`) — and backward, the non-finite check
+        of the losses and the gradient norm, then, with the features and labels of every process, the memory
+        update."""
         model.train()
         inputs = self._prepare_inputs(inputs)
+        self._classifier_loss = None
         with self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if self.args.n_gpu > 1:
@@ -344,7 +365,7 @@ class CCAFLTrainer(Trainer):
         intra_ids = self.accelerator.gather(inputs["intra_ids"].contiguous())
         module = self.training_module
         self.objective.update_memories(module, features, intra_ids)
-        classifier_loss = self.classifier_step(features, intra_ids)
+        classifier_loss = self._classifier_loss
 
         for name, value in losses.items():
             self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value  # no host sync per step
@@ -401,18 +422,82 @@ class CCAFLTrainer(Trainer):
         reach ``report_to``) and kept in ``stage_results`` under the active stage."""
         args: CCAFLTrainerConfig = self.args
         self._sync_from_main_process(self.training_module.model.buffers())
-        summary = evaluate_splits(
-            self.training_module.model, eval_dataset if eval_dataset is not None else self.eval_dataset,
-            self.eval_collator, extraction_options(args, flip=args.eval_flip), rerank=args.eval_rerank,
-            accelerator=self.accelerator, stage=self.current_stage,
-        )
+        mid_stage, self._mid_stage_evaluation = self._mid_stage_evaluation, False
+        # a periodic evaluation leaves the random state as it found it (its dataloaders draw a seed from it):
+        # training with --eval_every_epochs follows the same course as without
+        with torch.random.fork_rng(devices=[], enabled=mid_stage):
+            summary = evaluate_splits(
+                self.training_module.model, eval_dataset if eval_dataset is not None else self.eval_dataset,
+                self.eval_collator, extraction_options(args, flip=args.eval_flip), rerank=args.eval_rerank,
+                accelerator=self.accelerator, stage=self.current_stage,
+            )
         if not summary:
             return {}
-        self.stage_results[self.current_stage] = summary
+        if not mid_stage:  # a periodic evaluation is not a stage's result
+            self.stage_results[self.current_stage] = summary
         logged = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in summary.items()}
-        self.log(logged)
+        self.log({**logged, f"{metric_key_prefix}_loop_epoch": self.loop_epoch + 1})
+        if args.eval_every_epochs or args.save_best_checkpoint:
+            self._record_best_on_test(summary, metric_key_prefix)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, logged)
         return logged
+
+    def _record_best_on_test(self, summary: dict[str, float], prefix: str) -> None:
+        """Write ``best_on_test.json`` (and, with ``save_best_checkpoint``, the model of a new best in
+        ``best_on_test/``) from the evaluations logged so far — ``state.log_history``, so a resumed loop
+        remembers the evaluations before its checkpoint. Main process only."""
+        best = best_logged_evaluation(self.state.log_history, prefix)
+        if best is None or not self.args.should_save:
+            return
+        output_dir = self.args.output_dir
+        if self.args.save_best_checkpoint:
+            best["checkpoint"] = BEST_ON_TEST_DIR
+            if best["epoch"] == self.loop_epoch + 1 and best["mAP"] == round(summary["mAP"], 4):  # this evaluation
+                _save_model_atomically(self.training_module.model, os.path.join(output_dir, BEST_ON_TEST_DIR))
+        os.makedirs(output_dir, exist_ok=True)
+        temporary = os.path.join(output_dir, BEST_ON_TEST_FILE + ".tmp")
+        with open(temporary, "w") as handle:
+            json.dump(best, handle, indent=2)
+        os.replace(temporary, os.path.join(output_dir, BEST_ON_TEST_FILE))
+
+
+def is_periodic_evaluation_epoch(loop_epoch: int, every: int) -> bool:
+    """``--eval_every_epochs``: whether the loop evaluates after (0-based) ``loop_epoch``, i.e. the 1-based
+    epoch is a multiple of ``every`` (never when ``every`` is 0)."""
+    return every > 0 and (loop_epoch + 1) % every == 0
+
+
+def best_logged_evaluation(log_history: list[dict], prefix: str = "eval") -> dict | None:
+    """The evaluation of highest mAP (the earliest on a tie) among those the loop logged, as
+    ``{"epoch": 1-based loop epoch, <metric>: value, ..., "selected_on": ...}``; None if there is none."""
+    evaluations = [e for e in log_history if f"{prefix}_mAP" in e and f"{prefix}_loop_epoch" in e]
+    if not evaluations:
+        return None
+    best = max(evaluations, key=lambda e: (e[f"{prefix}_mAP"], -e[f"{prefix}_loop_epoch"]))
+    metrics = {k: best[f"{prefix}_{k}"] for k in METRIC_KEYS if f"{prefix}_{k}" in best}
+    return {"epoch": int(best[f"{prefix}_loop_epoch"]), **metrics, "selected_on": BEST_ON_TEST_LABEL,
+            "num_evaluations": len(evaluations)}
+
+
+def read_best_on_test(output_dir: str | os.PathLike) -> dict | None:
+    """The ``best_on_test.json`` record a loop trainer wrote in ``output_dir``, or None."""
+    path = os.path.join(output_dir, BEST_ON_TEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _save_model_atomically(model, folder: str) -> None:
+    """``model.save_pretrained`` into a temporary sibling, then swapped in for ``folder``."""
+    temporary, previous = folder + ".tmp", folder + ".old"
+    for path in (temporary, previous):
+        shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(temporary)
+    if os.path.isdir(folder):
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 class ICDLTrainer(CCAFLTrainer):
@@ -432,4 +517,6 @@ class ICALTrainer(CCAFLTrainer):
         super().__init__(*args, **kwargs)
 
 
-__all__ = ["IMAGE_STAGES", "CCAFLTrainer", "FixedLengthSampler", "ICALTrainer", "ICDLTrainer", "LabelledProgressCallback"]
+__all__ = ["BEST_ON_TEST_DIR", "BEST_ON_TEST_FILE", "IMAGE_STAGES", "CCAFLTrainer", "FixedLengthSampler", "ICALTrainer",
+           "ICDLTrainer", "LabelledProgressCallback", "best_logged_evaluation", "is_periodic_evaluation_epoch",
+           "read_best_on_test"]

@@ -84,6 +84,16 @@ class PromptLearningConfig(TrainingArguments):
     save_strategy: str = field(default="epoch", **_help("Checkpoint every epoch."))
     save_total_limit: int | None = field(default=2, **_help("Checkpoints kept."))
     logging_nan_inf_filter: bool = field(default=False, **_help("Never drop a NaN loss from the log."))
+    prompt_lr_schedule: Literal["cosine", "epoch_cosine"] = field(
+        default="cosine",
+        **_help("cosine: the Trainer's per-step cosine after the warmup_steps warm-up (from 0, decay to 0); "
+                "epoch_cosine: the reference's per-epoch schedule (`prompt_epoch_lr`), warm-up from "
+                "prompt_warmup_lr over prompt_warmup_epochs, cosine to prompt_min_lr at the last epoch."),
+    )
+    prompt_warmup_epochs: float = field(default=5, **_help("Warm-up epochs of prompt_lr_schedule epoch_cosine "
+                                                           "(cosine: warmup_steps)."))
+    prompt_warmup_lr: float = field(default=1e-5, **_help("Warm-up start lr of prompt_lr_schedule epoch_cosine."))
+    prompt_min_lr: float = field(default=1e-6, **_help("Final lr of prompt_lr_schedule epoch_cosine."))
 
     def __post_init__(self):
         super().__post_init__()
@@ -202,6 +212,18 @@ class CCAFLTrainerConfig(TrainingArguments):
     # ------------------------------------------------------------------ evaluation
     eval_flip: bool = field(default=False, **_help("Average features with the horizontal flip at evaluation."))
     eval_rerank: bool = field(default=False, **_help("k-reciprocal re-ranking at evaluation."))
+    eval_every_epochs: int = field(
+        default=0,
+        **_help("Also evaluate on query/gallery after every N-th epoch of the stage-2/3 loop (loop epochs N, 2N, ... "
+                "counted from 1; the full-scale presets: 10, as the reference); 0 = at the stage ends only. Every "
+                "evaluation is logged (report_to); eval_results.json reports the final model and records the best "
+                "evaluation under best_on_test (chosen on the test set: optimistic, as the reference reports)."),
+    )
+    save_best_checkpoint: bool = field(
+        default=False,
+        **_help("Keep the model of the best_on_test evaluation in checkpoints/icdl_ical/best_on_test/ (a model "
+                "folder, loadable with from_pretrained); chosen on the test set."),
+    )
 
     def __post_init__(self):
         self._check_process_split()  # before the distributed state is set up by TrainingArguments

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
@@ -18,6 +19,7 @@ from ..prompts import IdentityPromptLearner
 from .arguments import CCAFLTrainingArguments
 from .base import LabelledProgressCallback
 from .configs import PromptLearningConfig, extraction_options
+from .schedules import prompt_epoch_lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,19 @@ class PromptLearningTrainer(Trainer):
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.Adam(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """``--prompt_lr_schedule epoch_cosine``: the reference's per-epoch warm-up and cosine
+        (`ccafl_hf.trainers.schedules.prompt_epoch_lr`); ``cosine``: the Trainer's per-step cosine with warm-up."""
+        args = self.args
+        if self.lr_scheduler is None and args.prompt_lr_schedule == "epoch_cosine":
+            steps_per_epoch = max(1, len(self.get_train_dataloader()) // args.gradient_accumulation_steps)
+            schedule = dict(base_lr=args.learning_rate, epochs=args.num_train_epochs,
+                            warmup_epochs=args.prompt_warmup_epochs, warmup_lr=args.prompt_warmup_lr,
+                            min_lr=args.prompt_min_lr)
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer,
+                                         lambda step: prompt_epoch_lr_factor(step, steps_per_epoch, **schedule))
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cache = self.feature_cache

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..classifier import IdentityClassifier
 from ..errors import NonFiniteError
-from ..memory import CameraMemory, ClusterMemory
+from ..memory import CameraMemory, ClusterMemory, cluster_features
 from ..modeling_ccafl import CCAFLModel, CCAFLOutput
 
 logger = logging.getLogger(__name__)
@@ -105,22 +105,18 @@ class CCAFLForTraining(nn.Module):
         return self.model.get_reid_outputs(pixel_values)
 
     @torch.no_grad()
-    def set_pseudo_labels(self, pseudo_labels: torch.Tensor, identity_features: torch.Tensor) -> None:
-        """Install a new association: labels ``[N]`` (−1 = unassociated), cluster centroids from the
-        L2-normalised mean identity features ``[N, D]``, and per-cluster mean text features."""
+    def set_pseudo_labels(
+        self, pseudo_labels: torch.Tensor, image_features: torch.Tensor, image_intra_ids: torch.Tensor
+    ) -> None:
+        """Install a new association: labels ``[N]`` (−1 = unassociated), and the cluster centroids and
+        per-cluster text features of `cluster_features` (averages over the cluster's images) from the
+        L2-normalised retrieval features ``[M, D]`` of the training images and their identities ``[M]``."""
         device = self.pseudo_labels.device
         labels = pseudo_labels.to(device).long()
         self.pseudo_labels.copy_(labels)
-        num_clusters = int(labels.max().item()) + 1 if labels.numel() and labels.max() >= 0 else 0
-        keep = labels >= 0
-        centroids = torch.zeros(num_clusters, identity_features.shape[1], device=device)
-        centroids.index_add_(0, labels[keep], identity_features.to(device).float()[keep])
-        self.cluster_memory.reset(torch.nn.functional.normalize(centroids, dim=1))
-        text = torch.zeros(num_clusters, self.text_features.shape[1], device=device)
-        counts = torch.zeros(num_clusters, device=device)
-        text.index_add_(0, labels[keep], self.text_features[keep])
-        counts.index_add_(0, labels[keep], torch.ones(int(keep.sum()), device=device))
-        self.cluster_text_features = text / counts.clamp_min(1).unsqueeze(1) if self.has_text_features else text[:0]
+        centroids, text = cluster_features(labels, image_features, image_intra_ids, self.text_features)
+        self.cluster_memory.reset(centroids)
+        self.cluster_text_features = text if self.has_text_features else text[:0]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # the number of clusters changes every epoch: size the buffer from the checkpoint

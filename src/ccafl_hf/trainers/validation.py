@@ -1,7 +1,7 @@
 """Ranges of every numeric training setting, checked before any work (one `ArgumentError` naming the flag).
 
-`check_ranges` checks whichever of the `ARGUMENT_RANGES` fields an arguments object has, so the CLI-level
-[`CCAFLTrainingArguments`] and the per-trainer configs share one table. `epoch_window_problems` lists the
+`check_ranges` checks whichever of the `ARGUMENT_RANGES` (and `ARGUMENT_CHOICES`) fields an arguments object
+has, so the CLI-level [`CCAFLTrainingArguments`] and the per-trainer configs share one table. `epoch_window_problems` lists the
 epoch windows that lie past the end of the stage-2/3 loop; `check_against_data` compares sizes with the
 data and the memory with the RAM (or GPU memory) available, once the data is known.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
+from ..data.transforms import ERASING_STYLES, IMAGE_NORMALIZATIONS
 from ..errors import ArgumentError
+from .schedules import PROMPT_LR_SCHEDULES
 
 #: the smallest memory temperature: logits grow as 1/τ (τ = 1e-30 gives a loss of 1e30 and infinite gradients)
 MIN_TEMPERATURE = 1e-3
@@ -49,6 +51,8 @@ ARGUMENT_RANGES = (
     ("prompt_weight_decay", _at_least(0, 1), "a number in [0, 1]"),
     ("prompt_warmup_epochs", _at_least(0), "a finite number >= 0"),
     ("prompt_init_std", _above(0, 1), "a number in (0, 1] (the reference: 0.02)"),
+    ("prompt_warmup_lr", _at_least(0, 1), "a number in [0, 1]"),
+    ("prompt_min_lr", _at_least(0, 1), "a number in [0, 1]"),
     ("num_identities_per_batch", _at_least(2), "an integer >= 2 (P: a batch needs two identities to contrast)"),
     ("num_instances", _at_least(2), "an integer >= 2 (K: batch-hard triplets need two images of an identity)"),
     ("iters_per_epoch", _optional(_at_least(1)), "an integer >= 1, or None for one sampler pass"),
@@ -79,12 +83,23 @@ ARGUMENT_RANGES = (
     ("classifier_scale", _above(0, 100), "a number in (0, 100] (logits scale with it: larger overflows the loss)"),
     ("classifier_learning_rate", _above(0, 1), "a number in (0, 1]"),
     ("classifier_weight_decay", _at_least(0, 1), "a number in [0, 1]"),
+    ("eval_every_epochs", _at_least(0), "an integer >= 0 (0 = evaluate at the stage ends only)"),
+)
+
+#: (field, allowed values) of every setting with a fixed set of choices
+ARGUMENT_CHOICES = (
+    ("prompt_lr_schedule", PROMPT_LR_SCHEDULES),
+    ("random_erasing_style", ERASING_STYLES),
+    ("image_normalization", IMAGE_NORMALIZATIONS),
 )
 
 
 def check_ranges(args) -> None:
     """Check every `ARGUMENT_RANGES` field ``args`` has (and the relations between fields); an `ArgumentError`
     names the first bad flag, its value and what is expected."""
+    for name, choices in ARGUMENT_CHOICES:
+        if hasattr(args, name) and getattr(args, name) not in choices:
+            raise ArgumentError(f"--{name} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
     for name, check, expected in ARGUMENT_RANGES:
         if hasattr(args, name) and not check(getattr(args, name)):
             raise ArgumentError(f"--{name} must be {expected}, got {getattr(args, name)}")
@@ -154,6 +169,7 @@ def check_against_data(args, num_identities: int, feature_dim: int, device) -> N
 
 
 __all__ = [
+    "ARGUMENT_CHOICES",
     "ARGUMENT_RANGES",
     "MIN_TEMPERATURE",
     "available_memory_bytes",
