@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from .options import add_extraction_args, add_faiss_device, add_model_args, extraction_kwargs, faiss_use_gpu
@@ -47,15 +46,9 @@ def link_command(args: argparse.Namespace) -> int:
     """Read and check the tracks (crops cut or reused), then load the model, link, write, report."""
     from ..data.mot import MOTOptions, read_mot_scene
     from ..retrieval.tracking import link_mot_scene, link_output_files
-    from .options import load_model_from_args
+    from .options import dataset_options_from_args, load_model_from_args
 
-    try:
-        options = json.loads(args.dataset_options or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--dataset_options must be a JSON object: {error}") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"--dataset_options must be a JSON object, got {args.dataset_options!r}")
-    scene = read_mot_scene(args.data_dir, MOTOptions.from_options(**options))
+    scene = read_mot_scene(args.data_dir, MOTOptions.from_options(**dataset_options_from_args(args)))
     existing = [p for p in link_output_files(scene, args.output) if p.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"--output {args.output}: {existing[0]} already exists; pass --overwrite to replace it")

@@ -128,13 +128,18 @@ def load_dataset_from_args(args: argparse.Namespace):
     """The `load_reid_dataset` splits that ``--dataset/--data_dir/--dataset_options`` name."""
     from ..data import load_reid_dataset
 
+    return load_reid_dataset(args.dataset, args.data_dir, **dataset_options_from_args(args))
+
+
+def dataset_options_from_args(args: argparse.Namespace) -> dict:
+    """``--dataset_options`` as a dict (one-line ``ValueError`` unless it is a JSON object)."""
     try:
         options = json.loads(args.dataset_options or "{}")
     except json.JSONDecodeError as error:
         raise ValueError(f"--dataset_options must be a JSON object: {error}") from None
     if not isinstance(options, dict):
         raise ValueError(f"--dataset_options must be a JSON object, got {args.dataset_options!r}")
-    return load_reid_dataset(args.dataset, args.data_dir, **options)
+    return options
 
 
 def load_model_from_args(args: argparse.Namespace):
