@@ -323,11 +323,14 @@ class CCAFLTrainer(Trainer):
         """The epoch's objective on the model's outputs of the batch, with the module as explicit state. In
         training, the global-ID classifier's own Adam steps between the encoder's forward and the losses (on the
         detached features of every process), so the adversarial loss reads its updated weights (the reference's
-        order, docs/method.md §5). With ``return_outputs``: ``(loss, {"losses": {name: loss}, "reid_features":
-        [B, D] detached})``."""
+        order, docs/method.md §5). With ``return_outputs``: ``(loss, {"losses": {name: loss}, "gathered":
+        (features [N·B, D] detached, intra_ids [N·B]) of every process, or None outside training})``."""
         outputs = model(pixel_values=inputs["pixel_values"])
-        if model.training:
-            self._classifier_loss = self._classifier_step_on(outputs.reid_features, inputs["intra_ids"])
+        gathered = None
+        if model.training:  # one gather serves the classifier step here and the memory update after backward
+            gathered = (self.accelerator.gather(outputs.reid_features.detach().contiguous()),
+                        self.accelerator.gather(inputs["intra_ids"].contiguous()))
+            self._classifier_loss = self.classifier_step(*gathered)
         module = self.training_module
         batch = (outputs, inputs["intra_ids"], inputs["camids"])
         if module.losses_on_global_batch:  # several processes: the losses of the whole global batch
@@ -336,13 +339,7 @@ class CCAFLTrainer(Trainer):
         total = sum(losses.values()) if losses else outputs.reid_features.sum() * 0.0
         if not return_outputs:
             return total
-        return total, {"losses": losses, "reid_features": outputs.reid_features.detach()}
-
-    def _classifier_step_on(self, features: torch.Tensor, intra_ids: torch.Tensor) -> torch.Tensor:
-        """One step of the global-ID classifier (`classifier_step`) on the detached features ``[B, D]`` and
-        identities ``[B]`` of every process (so all ranks keep identical classifiers); returns its loss."""
-        gathered = self.accelerator.gather(features.detach().contiguous())
-        return self.classifier_step(gathered, self.accelerator.gather(intra_ids.contiguous()))
+        return total, {"losses": losses, "gathered": gathered}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward of the active objective — the global-ID classifier's own Adam steps inside it, after the
@@ -361,10 +358,7 @@ class CCAFLTrainer(Trainer):
         self._check_finite(losses)
 
         # every rank updates with the features of all ranks: identical memories and classifiers
-        features = self.accelerator.gather(outputs["reid_features"].contiguous())
-        intra_ids = self.accelerator.gather(inputs["intra_ids"].contiguous())
-        module = self.training_module
-        self.objective.update_memories(module, features, intra_ids)
+        self.objective.update_memories(self.training_module, *outputs["gathered"])
         classifier_loss = self._classifier_loss
 
         for name, value in losses.items():
