@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference_rules
 from ccafl_hf import create_tiny_model
 from ccafl_hf.classifier import IdentityClassifier
 from ccafl_hf.data import ReIDCollator, build_eval_transform, build_train_transform
@@ -38,29 +39,6 @@ def test_classifier_init_is_xavier_uniform():
     assert weight.abs().max() <= bound
     assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01)  # U(-a, a)
     assert weight.norm(dim=1).mean().item() == pytest.approx(bound * math.sqrt(d / 3), rel=0.01)
-
-
-def _reference_adversarial(cosines, ids, id_cams, pseudo, m, s=16.0, tau=0.2, eps=0.8):
-    """docs/method.md §5 sample by sample (with the reference's margin fallback past pi)."""
-    total = 0.0
-    for b in range(len(ids)):
-        y = int(ids[b])
-        positives = [y] + [n for n in range(len(id_cams))
-                           if pseudo[y] >= 0 and pseudo[n] == pseudo[y] and id_cams[n] != id_cams[y]]
-        logits = []
-        for n in range(len(id_cams)):
-            z = cosines[b, n]
-            if n == y:
-                z = z * math.cos(m) - torch.sqrt(1 - z * z) * math.sin(m) if z > math.cos(math.pi - m) \
-                    else z - m * math.sin(m)
-            elif id_cams[n] == id_cams[y]:
-                z = (1 + tau) * z + tau
-            logits.append(s * z)
-        negatives = sum(torch.exp(logits[n]) for n in range(len(id_cams)) if n not in positives)
-        for k in positives:
-            q = eps / len(positives) + (1 - eps if k == y else 0.0)
-            total = total - q * (logits[k] - torch.log(negatives + torch.exp(logits[k])))
-    return total / len(ids)
 
 
 def _adam_first_step(weight, grad, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
@@ -113,7 +91,7 @@ def test_classifier_steps_before_the_adversarial_loss(small_synthetic, tmp_path)
     def encoder_grads(weight):
         reference_model.zero_grad()
         cosines = (F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()).double()
-        _reference_adversarial(cosines, ids, camids, pseudo, m=0.5).backward(retain_graph=True)
+        reference_rules.adversarial_loss(cosines, ids, camids, pseudo, m=0.5).backward(retain_graph=True)
         return {k: p.grad.clone() for k, p in reference_model.named_parameters() if p.grad is not None}
 
     expected, stale = encoder_grads(w1), encoder_grads(w0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference_rules
 from ccafl_hf.losses import (
     adversarial_identity_loss,
     angular_margin_cosine,
@@ -93,33 +94,6 @@ def _ref_centroid_triplet(x, ids, cents, id_cams, margin):
         if others:
             losses.append(torch.clamp(d_pos - min(others) + margin, min=0))
     return torch.stack(losses).mean()
-
-
-def _ref_adversarial(z, ids, id_cams, pseudo, m, s, tau, eps):
-    z = z.double()
-    losses = []
-    for b in range(len(ids)):
-        y = int(ids[b])
-        positives = [y] + [n for n in range(len(id_cams))
-                           if pseudo[y] >= 0 and pseudo[n] == pseudo[y] and id_cams[n] != id_cams[y]]
-        logits = []
-        for n in range(len(id_cams)):
-            if n == y:  # §5 margin; past pi the reference's (ArcFace's) fallback cos - m sin m
-                theta = math.acos(float(z[b, n]))
-                value = math.cos(theta + m) if theta + m < math.pi else float(z[b, n]) - m * math.sin(m)
-            elif id_cams[n] == id_cams[y]:
-                value = (1 + tau) * float(z[b, n]) + tau
-            else:
-                value = float(z[b, n])
-            logits.append(s * value)
-        negatives_sum = sum(math.exp(logits[n]) for n in range(len(id_cams)) if n not in positives)
-        loss = 0.0
-        for k in positives:
-            log_p = logits[k] - math.log(negatives_sum + math.exp(logits[k]))
-            q = eps / len(positives) + (1 - eps if k == y else 0.0)
-            loss -= q * log_p
-        losses.append(loss)
-    return sum(losses) / len(losses)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +222,7 @@ def test_adversarial_matches_loop():
     z = torch.rand(len(ids), N, generator=torch.Generator().manual_seed(12)) * 1.6 - 0.8
     got = adversarial_identity_loss(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin=0.7, scale=16.0,
                                     same_camera_tau=0.2, epsilon=0.8)
-    ref = _ref_adversarial(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, 0.7, 16.0, 0.2, 0.8)
+    ref = reference_rules.adversarial_loss(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, 0.7, 16.0, 0.2, 0.8).item()
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
@@ -312,36 +286,8 @@ def test_adversarial_unassociated_is_margin_cross_entropy():
     ids = torch.tensor([3, 10])  # pseudo-label -1: P = {y}, q = onehot
     z = torch.rand(2, N, generator=torch.Generator().manual_seed(14)) - 0.5
     got = adversarial_identity_loss(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin=0.3, epsilon=0.8)
-    ref = _ref_adversarial(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, 0.3, 16.0, 0.2, 0.0)
+    ref = reference_rules.adversarial_loss(z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, 0.3, 16.0, 0.2, 0.0).item()
     assert got.item() == pytest.approx(ref, rel=1e-5)
-
-
-def _ref_adversarial_autograd(z, ids, id_cams, pseudo, m, s, tau, eps):
-    """The reference rule (margin branch past pi included) sample by sample on float64 scalars, with
-    autograd, so its gradient can be compared too."""
-    total = 0.0
-    for b in range(len(ids)):
-        y = int(ids[b])
-        positives = [y] + [n for n in range(len(id_cams))
-                           if pseudo[y] >= 0 and pseudo[n] == pseudo[y] and id_cams[n] != id_cams[y]]
-        logits = []
-        for n in range(len(id_cams)):
-            zn = z[b, n]
-            if n == y:
-                if zn > math.cos(math.pi - m):  # theta + m < pi
-                    value = zn * math.cos(m) - torch.sqrt(1 - zn * zn) * math.sin(m)
-                else:
-                    value = zn - m * math.sin(m)
-            elif id_cams[n] == id_cams[y]:
-                value = (1 + tau) * zn + tau
-            else:
-                value = zn
-            logits.append(s * value)
-        negatives = sum(torch.exp(logits[n]) for n in range(len(id_cams)) if n not in positives)
-        for k in positives:
-            q = eps / len(positives) + (1 - eps if k == y else 0.0)
-            total = total - q * (logits[k] - torch.log(negatives + torch.exp(logits[k])))
-    return total / len(ids)
 
 
 @pytest.mark.parametrize("margin", [0.7, 0.3])
@@ -357,7 +303,7 @@ def test_adversarial_margin_past_pi_matches_reference(margin):
     loss = adversarial_identity_loss(ours, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin=margin)
     loss.backward()
     ref_z = z.clone().requires_grad_(True)
-    ref = _ref_adversarial_autograd(ref_z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin, 16.0, 0.2, 0.8)
+    ref = reference_rules.adversarial_loss(ref_z, ids, IDENTITY_CAMIDS, PSEUDO_LABELS, margin, 16.0, 0.2, 0.8)
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(ours.grad.double(), ref_z.grad, rtol=1e-4, atol=1e-6)
