@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..trainers import CCAFLTrainingArguments
 from .constants import ADAPTER_DIR, EVAL_FILE, TEXT_FEATURES_FILE
-from .manifest import TEMP_PREFIX
+from .manifest import TEMP_PREFIX, remove
 from .run_directory import LOCK_FILE, PID_FILE, RUN_FILE
 
 logger = logging.getLogger(__name__)
@@ -18,18 +18,15 @@ logger = logging.getLogger(__name__)
 
 def save_artifacts(model, processor, args, model_args, data_args, info, results: dict,
                    prompt_dir: Path | None = None) -> list[str]:
-    """Write the loadable model (+ custom code), processor, prompt adapter and text features (from
-    ``prompt_dir``, stage 1's results), ``eval_results.json`` and the card into the output folder.
-
-    Everything is written into a temporary folder inside the output folder first, then each file is
-    renamed into place, ``eval_results.json`` last; a failed write removes the temporary folder.
-    Returns the written files, relative to the output folder.
-    """
+    """Write the loadable model (+ custom code), processor, prompt adapter and text features (copied from
+    ``prompt_dir``, stage 1's results), ``eval_results.json`` and the card into the output folder: into a
+    temporary folder there first, then each file renamed into place, ``eval_results.json`` last. Returns the
+    written files, relative to the output folder."""
     from .model_card import render_model_card
 
     out = Path(args.output_dir)
     staging = out / f"{TEMP_PREFIX}{os.getpid()}-artifacts"
-    shutil.rmtree(staging, ignore_errors=True)
+    remove(staging)
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -44,7 +41,7 @@ def save_artifacts(model, processor, args, model_args, data_args, info, results:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, out / name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove(staging)
     return files
 
 
