@@ -1,5 +1,4 @@
-"""Trainer checkpoints that prove they are complete, and the one rule for where a stage resumes
-(docs/training.md, "The run's lifecycle")."""
+"""Trainer checkpoints that prove they are complete, and the one rule for where a stage resumes."""
 
 from __future__ import annotations
 
@@ -22,15 +21,13 @@ CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 def required_files(num_processes: int, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The files a resume reads besides the weights: trainer state, optimiser, scheduler, every process's
-    RNG state (a ``--save_only_model`` checkpoint has none: it is never resumed from), and ``extra``."""
+    """The files a resume reads besides the weights (a ``--save_only_model`` checkpoint has none of them)."""
     rng = ["rng_state.pth"] if num_processes == 1 else [f"rng_state_{i}.pth" for i in range(num_processes)]
     return (TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, *rng, *extra)
 
 
 class CheckpointSealer(TrainerCallback):
-    """Before a save: enough free space for it (else one line). After it: the checkpoint's manifest, written
-    last, carrying the run's fingerprint and the stage result the training started from (``previous``)."""
+    """Checks the free space before each save; writes the checkpoint's manifest (fingerprint, previous) after it."""
 
     def __init__(self, fingerprint: str, previous: str | None, default_size: int):
         self.fingerprint, self.previous, self.default_size = fingerprint, previous, default_size
@@ -62,8 +59,7 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def check_resumable(path: str | Path, fingerprint: str, required: tuple[str, ...], previous=...,
                     before_epoch: float | None = None) -> dict:
-    """The manifest of a ``--resume_from_checkpoint PATH`` that resumes exactly (`resume_point`'s rule; ``...``:
-    any ``previous``), else a one-line `RunError`."""
+    """The manifest of a ``--resume_from_checkpoint PATH`` that resumes exactly, else a one-line `RunError`."""
     why, manifest = _why_not(Path(path), fingerprint, previous, required, before_epoch)
     if why:
         raise RunError(f"--resume_from_checkpoint {path} cannot be resumed exactly: {why}; pass "

@@ -1,5 +1,4 @@
-"""Files that prove what they hold (docs/training.md, "The run's lifecycle"): streamed blake2b content
-hashes, manifests written last, atomic writes, and one line for a failed write (full disk, no permission)."""
+"""Files that prove what they hold: blake2b content hashes, manifests written last, atomic writes, write errors."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ def json_digest(payload: Any) -> str:
 
 
 def cached_digests(paths: list[str], check: Callable[[str], None] | None = None) -> list[str]:
-    """`file_digest` of input files (the data, the start model), cached under the package cache's ``hashes/``
-    keyed by path, size, mtime and inode. ``check(path)`` (an image header check) runs on each file hashed anew."""
+    """`file_digest` of input files, cached by path, size, mtime and inode; ``check(path)`` on each hashed anew."""
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
     store = cache_dir("hashes", f"{short_hash({'root': root})}.json")
     cached = read_json(store)
@@ -70,8 +68,7 @@ def remove(path: Path) -> None:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(temp)`` on a temporary name beside ``path``, then rename it to ``path``: a reader sees the
-    old file or the whole new one. A failed write leaves no temporary file behind."""
+    """``write(temp)`` beside ``path``, renamed to ``path``: the old file or the whole new one, no temporary left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
@@ -100,8 +97,7 @@ def read_json(path: str | os.PathLike) -> Any | None:
 
 def write_manifest(folder: str | os.PathLike, payload: dict[str, Any], files: Iterable[Path] | None = None,
                    name: str = MANIFEST) -> dict:
-    """Write ``folder/<name>`` last: ``payload`` and ``{"files": {relative path: hash}}`` of ``files`` (default:
-    every file of ``folder`` but its manifest and temporary files). Returns the manifest."""
+    """Write ``folder/<name>``, last: ``payload`` and the hash of each of ``files`` (default: the folder's)."""
     folder = Path(folder)
     if files is None:
         files = [p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
@@ -114,8 +110,7 @@ def write_manifest(folder: str | os.PathLike, payload: dict[str, Any], files: It
 
 def verify_manifest(folder: str | os.PathLike, require: Iterable[str] = (),
                     manifest: str = MANIFEST) -> tuple[dict | None, str]:
-    """``(manifest, "")`` when ``folder/manifest`` is readable and every listed file (each of ``require``
-    listed too) still has its hash; else ``(None, why)``, a short phrase for the log line."""
+    """``(manifest, "")`` if every listed file (and each of ``require``) has its hash, else ``(None, why)``."""
     folder = Path(folder)
     content = read_json(folder / manifest)
     if not isinstance(content, dict) or content.get("format") != FORMAT or not isinstance(content.get("files"), dict):
@@ -130,39 +125,34 @@ def verify_manifest(folder: str | os.PathLike, require: Iterable[str] = (),
 
 
 def describe_write_error(error: BaseException, where: str | os.PathLike, needed: int = 0) -> str | None:
-    """``cannot write PATH: no space left on the device (about N MB needed, M MB free)`` when ``error`` is a
-    failed write (full disk or quota, an unwritable folder: an OSError, torch.save's RuntimeError or
-    safetensors' SafetensorError); None for any other error."""
+    """``cannot write PATH: no space left on the device (about N MB needed, M MB free)`` for a failed write
+    (an OSError, torch.save's RuntimeError or safetensors' SafetensorError); None for any other error."""
     text = str(error)
-    if isinstance(error, OSError):
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG):
-            return None
-    elif not ((isinstance(error, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text))
-              or (type(error).__name__ == "SafetensorError" and ("IoError" in text or "os error" in text))):
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                                           errno.EROFS, errno.EFBIG)
+            or isinstance(error, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text)
+            or type(error).__name__ == "SafetensorError" and ("IoError" in text or "os error" in text)):
         return None
     where = getattr(error, "filename", None) or where
     full = not isinstance(error, OSError) or not error.strerror or error.errno in (errno.ENOSPC, errno.EDQUOT)
-    return f"cannot write {where}: {'no space left on the device' if full else error.strerror} ({_space(where, needed)})"
+    reason = "no space left on the device" if full else error.strerror
+    return f"cannot write {where}: {reason} ({_space(where, needed)[1]})"
 
 
 def ensure_space(folder: str | os.PathLike, needed: int, what: str) -> None:
-    """Raise `RunError` (one line naming ``folder`` and the bytes) when fewer than ``needed`` bytes are free
-    where ``what`` is about to be written."""
-    if (free := _free(folder)) is not None and free < needed:
-        raise RunError(f"cannot write {what} to {folder}: no space left on the device ({_space(folder, needed)})")
+    """Raise `RunError` (one line naming ``folder`` and the bytes) when ``what`` needs more than is free."""
+    free, text = _space(folder, needed)
+    if free is not None and free < needed:
+        raise RunError(f"cannot write {what} to {folder}: no space left on the device ({text})")
 
 
-def _free(where: str | os.PathLike) -> int | None:
+def _space(where: str | os.PathLike, needed: int) -> tuple[int | None, str]:
     folder = Path(where)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return shutil.disk_usage(folder).free
+        free = shutil.disk_usage(folder).free
+        text = f"{free / 1e6:.1f} MB ({free} bytes) free"
     except OSError:
-        return None
-
-
-def _space(where: str | os.PathLike, needed: int) -> str:
-    free = _free(where)
-    text = "free space unknown" if free is None else f"{free / 1e6:.1f} MB ({free} bytes) free"
-    return f"about {needed / 1e6:.1f} MB ({needed} bytes) needed, {text}" if needed > 0 else text
+        free, text = None, "free space unknown"
+    return free, f"about {needed / 1e6:.1f} MB ({needed} bytes) needed, {text}" if needed > 0 else text

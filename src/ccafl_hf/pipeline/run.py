@@ -1,5 +1,4 @@
-"""The main job: `TrainingRun` owns one run from the plan to the finished folder, each decision in one place
-(docs/training.md, "The run's lifecycle")."""
+"""The main job: `TrainingRun` owns a run, plan to finished folder (docs/training.md, "The run's lifecycle")."""
 
 from __future__ import annotations
 
@@ -33,9 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    """Run the requested stages in ``args.output_dir`` (continuing a run of the same settings there) and write
-    the model folder; returns the results (``already_finished`` when nothing was trained). Raises `RunError`
-    (one line) for bad inputs, an unusable folder or a failed write."""
+    """Run (or continue) the stages in ``args.output_dir``; `RunError` for bad inputs, folder or a failed write."""
     run = TrainingRun(model_args, data_args, args)
     with run.folder.lock():  # a second run into the folder fails here, at once
         try:
@@ -50,9 +47,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, args: CCA
             raise RunError(line) from None
 
 
-class TrainingRun:
-    """One training run in ``args.output_dir``: ``folder`` (its `RunDirectory`), ``manifests`` (the verified
-    manifest of each finished stage) and ``writing`` (``(path, bytes)`` of the write in progress)."""
+class TrainingRun(TrainerCallback):
+    """One run: ``folder`` (`RunDirectory`), ``manifests`` (of the verified stages), ``writing`` (path, bytes);
+    the callback of its stage-2/3 loop (`on_evaluate`)."""
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments):
         _ = args.device  # sets up the (distributed) state of this process
@@ -64,8 +61,7 @@ class TrainingRun:
         self.writing: tuple[Path, int] = (self.folder.path, 0)
 
     def plan(self) -> str:
-        """Check every input before the folder is touched (data hashed and header-checked, model built and
-        hashed), fingerprint the run and decide what it does with the folder."""
+        """Check and hash every input before the folder is touched, fingerprint the run, decide what it does."""
         self.dataset, self.info = _load_dataset(self.data_args)
         self.model, self.processor = build_model(self.model_args, seed=self.args.seed)
         if any(s in IMAGE_STAGES for s in self.args.stages):  # sizes against the data and the free memory
@@ -76,8 +72,10 @@ class TrainingRun:
         self.folder.set_settings(run_settings(self.model_args, self.data_args, self.args, data_files, model_files,
                                               self.process.num_processes))
         plan = self.folder.plan(overwrite=self.args.overwrite_output_dir)
+        n, extra = self.process.num_processes, (CLASSIFIER_OPTIMIZER_NAME,)  # the files a resume of each group reads
+        self.required = {"prompt": required_files(n), LOOP_CHECKPOINTS: required_files(n, extra)}
         for group, path in self.explicit.items():  # the stages ending after it are recomputed from it
-            manifest = check_resumable(path, self.folder.fingerprint, self._required(group))
+            manifest = check_resumable(path, self.folder.fingerprint, self.required[group])
             self.explicit_epoch = float(manifest.get("epoch") or 0)
         self.process.wait_for_everyone()
         return plan
@@ -86,7 +84,7 @@ class TrainingRun:
         """Take the folder (`RunDirectory.start`); prepare the stages (``stage_names``), model and collators."""
         self.folder.start()
         loop = [LOOP_CHECKPOINTS] if any(s in IMAGE_STAGES for s in self.args.stages) else []  # stages 2-3: one loop
-        self.stage_names = ["untrained", *[s for s in self.args.stages if s not in IMAGE_STAGES], *loop]
+        self.stage_names = ["untrained", "prompt", *loop]  # --stages: a prefix of prompt icdl ical
         if self.process.is_main_process:
             write_json(self.folder.path / SETTINGS_FILE, resolved_settings(self.model_args, self.data_args, self.args))
         self.process.wait_for_everyone()
@@ -106,8 +104,7 @@ class TrainingRun:
             if len(self.dataset["query"]) and len(self.dataset["gallery"]) else None
 
     def run_stage(self, name: str) -> None:
-        """Reuse ``name``'s verified results, or compute them from the last verified point and seal them (from
-        the same random state whether resumed or not)."""
+        """Reuse ``name``'s verified results, or compute them from the last verified point and seal them."""
         set_seed(self.args.seed)
         {"untrained": self._untrained, "prompt": self._prompt, LOOP_CHECKPOINTS: self._loop}[name]()
 
@@ -116,8 +113,8 @@ class TrainingRun:
             return
         metrics = {}
         if self.eval_splits is not None:
-            metrics = evaluate_splits(self.model, self.eval_splits, self.eval_collator,
-                                      extraction_options(self.args, flip=self.args.eval_flip), rerank=self.args.eval_rerank)
+            options = extraction_options(self.args, flip=self.args.eval_flip)
+            metrics = evaluate_splits(self.model, self.eval_splits, self.eval_collator, options, rerank=self.args.eval_rerank)
             logger.info("evaluation before training: %s", {k: round(v, 4) for k, v in metrics.items()})
         self._seal("untrained", metrics)
 
@@ -142,13 +139,12 @@ class TrainingRun:
         self.text_features = learner.all_text_features().to(args.device)
 
     def _loop(self) -> None:
-        """Stages 2–3: one `CCAFLTrainer` loop; a stage is sealed when the loop evaluates at its end (`_StageEnd`)."""
+        """Stages 2–3: one `CCAFLTrainer` loop; a stage is sealed when the loop evaluates at its end."""
         args = self.args
-        module = CCAFLForTraining(
-            self.model, self.identity_camids, self.text_features, memory_instances=args.memory_instances,
-            memory_momentum=args.memory_momentum, memory_temperature=args.memory_temperature,
-            classifier_scale=args.classifier_scale,
-        ).to(args.device)
+        module = CCAFLForTraining(self.model, self.identity_camids, self.text_features,
+                                  memory_instances=args.memory_instances, memory_momentum=args.memory_momentum,
+                                  memory_temperature=args.memory_temperature,
+                                  classifier_scale=args.classifier_scale).to(args.device)
         epochs = {"icdl": args.icdl_epochs, "ical": args.icdl_epochs + args.ical_epochs}
         ends = {s: end for s, end in epochs.items() if s in args.stages}  # the loop epoch ending each stage
         stages, explicit, prompt = list(ends), LOOP_CHECKPOINTS in self.explicit, self._previous("icdl")
@@ -159,12 +155,11 @@ class TrainingRun:
             state = self.folder.stage_dir(stages[-1]) / STATE_FILE
             module.load_state_dict(load_file(str(state), device=str(args.device)))
             return
-        trainer = CCAFLTrainer(
-            module, args.loop_config(stages, output_dir=args.stage_output_dir(LOOP_CHECKPOINTS)),
-            self.dataset["train"], self.train_collator, self.eval_collator, stages=stages,
-            diagnostic_pids=self.info.identity_diagnostic_pids, eval_dataset=self.eval_splits,
-        )
-        trainer.add_callback(_StageEnd(self, trainer))
+        trainer = CCAFLTrainer(module, args.loop_config(stages, output_dir=args.stage_output_dir(LOOP_CHECKPOINTS)),
+                               self.dataset["train"], self.train_collator, self.eval_collator, stages=stages,
+                               diagnostic_pids=self.info.identity_diagnostic_pids, eval_dataset=self.eval_splits)
+        self.loop_trainer = trainer
+        trainer.add_callback(self)
         if "icdl" in stages and args.icdl_epochs == 0 and "icdl" not in self.manifests:
             self._seal("icdl", dict(self.manifests["prompt"]["metrics"]))  # no ICDL epoch: stage 1's model
         self._train(trainer, LOOP_CHECKPOINTS, prompt, ends, before_epoch=ends[stage])
@@ -176,10 +171,9 @@ class TrainingRun:
 
     def _train(self, trainer: Trainer, group: str, previous: str | None, ends: dict[str, float],
                before_epoch: float | None = None) -> None:
-        """Train from the newest checkpoint of ``group`` that resumes exactly (`resume_point`), sealing each
-        checkpoint saved; ``ends``: the epoch ending each of its stages (for the log line)."""
+        """Train from `resume_point`, sealing each checkpoint; ``ends``: each stage's last epoch (for the log)."""
         folder = Path(trainer.args.output_dir)
-        resume, manifest = resume_point(folder, self.folder.fingerprint, previous, self._required(group),
+        resume, manifest = resume_point(folder, self.folder.fingerprint, previous, self.required[group],
                                         before_epoch=before_epoch, explicit=self.explicit.get(group))
         if resume is not None:
             epoch = float(manifest["epoch"])
@@ -192,8 +186,7 @@ class TrainingRun:
         trainer.train(resume_from_checkpoint=resume)
 
     def finish(self) -> dict[str, Any]:
-        """Write the model folder, then the run's manifest (last); a finished run only reads its results. Then
-        the Hub push when asked."""
+        """Write the model folder, then the run's manifest (a finished run: read its results); push if asked."""
         if self.folder.action == "finished":
             logger.info("every stage of this run already finished in %s with the same settings: nothing to train",
                         self.folder.path)
@@ -220,6 +213,13 @@ class TrainingRun:
         self.process.wait_for_everyone()
         return results
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Seal a loop stage when the loop evaluates at its end, before that epoch's checkpoint is saved."""
+        loop, stage = self.loop_trainer, self.loop_trainer.current_stage
+        if stage in loop.stage_results and stage not in self.manifests:
+            last = stage == loop.stages[-1]
+            self._seal(stage, loop.stage_results[stage], _write_state(loop.training_module) if last else None)
+
     def _previous(self, stage: str) -> str | None:
         """The digest of the stage result ``stage`` is computed from: stage 1's for ICDL, ICDL's for ICAL."""
         before = {"icdl": "prompt", "ical": "icdl"}.get(stage)
@@ -241,24 +241,6 @@ class TrainingRun:
         if self.manifests[stage] is None:
             raise RunError(f"the results of {stage.upper()} in {self.folder.stage_dir(stage)} do not verify right "
                            "after being written (is the disk failing?)")
-
-    def _required(self, group: str) -> tuple[str, ...]:
-        extra = (CLASSIFIER_OPTIMIZER_NAME,) if group == LOOP_CHECKPOINTS else ()
-        return required_files(self.process.num_processes, extra)
-
-
-class _StageEnd(TrainerCallback):
-    """Seals a loop stage when the trainer evaluates at its end, before that epoch's checkpoint is saved (the last
-    stage with the module's state)."""
-
-    def __init__(self, run: TrainingRun, trainer: CCAFLTrainer):
-        self.run, self.trainer = run, trainer
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        trainer, stage = self.trainer, self.trainer.current_stage
-        if stage in trainer.stage_results and stage not in self.run.manifests:
-            last = stage == trainer.stages[-1]
-            self.run._seal(stage, trainer.stage_results[stage], _write_state(trainer.training_module) if last else None)
 
 
 def _nbytes(tensors) -> int:

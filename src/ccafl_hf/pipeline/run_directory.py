@@ -1,5 +1,4 @@
-"""The output folder of a training run: its identity by content, its lock, the plan, its stage results
-(docs/training.md, "The run's lifecycle")."""
+"""A run's output folder: identity by content, lock, plan, stage results (docs/training.md, "The run's lifecycle")."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def _check_image_header(path: str) -> None:
 
 
 def data_identity(dataset) -> str:
-    """Hash of a `DatasetDict`'s content: per split, the sorted ``(relative path, content hash, labels)`` of
-    every image (header-checked when hashed anew)."""
+    """Hash of the sorted ``(relative path, content hash, labels)`` of every image of each split."""
     paths = [p for name in dataset if "image_path" in dataset[name].column_names for p in dataset[name]["image_path"][:]]
     digests = dict(zip(paths, cached_digests(paths, check=_check_image_header), strict=True))
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
@@ -92,8 +90,7 @@ def data_identity(dataset) -> str:
 
 
 def model_identity(name_or_path: str, model) -> str:
-    """Hash of the start model's content: every file of a local folder (weights, config, tokenizer), else
-    (the built-in tiny models, a Hub checkpoint) the loaded weights themselves."""
+    """Hash of every file of a local model folder, else (tiny models, a Hub id) of the loaded weights."""
     folder = Path(name_or_path)
     if folder.is_dir():
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -108,10 +105,8 @@ def model_identity(name_or_path: str, model) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
+    if isinstance(value, str | int | float | bool) or value is None:  # non-finite floats as their text
+        return str(value) if isinstance(value, float) and not math.isfinite(value) else value
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -167,25 +162,25 @@ class RunDirectory:
 
     @contextmanager
     def lock(self) -> Iterator[RunDirectory]:
-        """Hold the folder's `filelock` for the ``with`` block: a second run is refused naming the holder's PID,
-        a killed holder's lock is taken over; a run that fails before `start` leaves the folder as found."""
+        """Hold the folder's `filelock` (a second run is refused naming its holder; a killed one's is taken over)."""
         if not self.is_main_process:
             yield self
             return
         created, pid_file, lock_file = not self.path.exists(), self.path / PID_FILE, self.path / LOCK_FILE
         had_lock, lock = lock_file.exists(), FileLock(lock_file, timeout=0, thread_local=False)
+        holder = pid_file.read_text().strip() if pid_file.is_file() else ""  # running, or killed if we get the lock
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except Timeout:
             raise RunDirectoryError(f"--output_dir {self.path} is in use by another training run (PID "
-                                    f"{_text(pid_file) or 'unknown'}); wait for it to end or choose another "
+                                    f"{holder or 'unknown'}); wait for it to end or choose another "
                                     "--output_dir") from None
         except OSError as error:
             raise RunDirectoryError(f"--output_dir {self.path}: cannot create or lock it ({error.strerror})") from None
-        if stale := _text(pid_file):
+        if holder and pid_file.is_file():  # not removed by its run since it was read: that run was killed
             logger.warning("%s: the run with PID %s ended without releasing its lock (killed?); taking it over",
-                           self.path, stale)
+                           self.path, holder)
         pid_file.write_text(f"{os.getpid()}\n")
         try:
             yield self
@@ -199,8 +194,7 @@ class RunDirectory:
                         self.path.rmdir()  # only when still empty
 
     def plan(self, overwrite: bool = False) -> str:
-        """``fresh``, ``resume``, ``finished`` (nothing to train) or ``replace`` (``overwrite`` a run of this
-        package) — or a one-line `RunDirectoryError`: the table in docs/training.md, decided before any work."""
+        """``fresh``, ``resume``, ``finished`` or ``replace``, or a one-line `RunDirectoryError` (docs/training.md)."""
         if self.is_main_process:
             self._sweep()
         entries, previous = self._entries(), read_json(self.run_file)
@@ -220,8 +214,8 @@ class RunDirectory:
         elif previous is None:
             what = (f"its {RUN_FILE} is unreadable" if self.run_file.exists() else "it holds no ccafl-hf run "
                     f"({', '.join(p.name for p in entries[:3])}{', …' if len(entries) > 3 else ''})")
-            raise RunDirectoryError(f"--output_dir {self.path} is not empty and {what}: nothing was changed; choose "
-                                    "another --output_dir (--overwrite_output_dir only ever replaces a run of this package)")
+            raise RunDirectoryError(f"--output_dir {self.path} is not empty and {what}: nothing was changed; choose another "
+                                    "--output_dir (--overwrite_output_dir only ever replaces a run of this package)")
         elif overwrite or not (previous.get("finished") or any(self.path.glob("checkpoints/*"))):
             self.action = "replace"  # a run that never trained is no reason to refuse its fix
         elif previous["fingerprint"] != self.fingerprint:
@@ -237,8 +231,7 @@ class RunDirectory:
         return self.action
 
     def _sweep(self) -> None:
-        """A killed run's temporary files (deleted) and the run an overwrite moved aside (restored if the
-        replacing run never started, else deleted)."""
+        """Delete a killed run's temporary files; restore a run moved aside by an overwrite that never started."""
         for leftover in sorted(self.path.rglob(f"{TEMP_PREFIX}*"), reverse=True):
             remove(leftover)
         for aside in self.path.glob(f"{REPLACED_PREFIX}*"):
@@ -252,8 +245,7 @@ class RunDirectory:
         return sorted(p for p in self.path.glob("*") if p.name not in (LOCK_FILE, PID_FILE))
 
     def start(self) -> None:
-        """A replaced run is moved aside, the new run's manifest written, then the old run deleted (put back if
-        anything before fails)."""
+        """Move a replaced run aside, write the new run's manifest, delete the old run (put back on failure)."""
         action = self.action or self.plan()
         self._started = True
         if not self.is_main_process:
@@ -277,17 +269,15 @@ class RunDirectory:
     def finish(self, files: list[str | Path] | None) -> None:
         """Write the run's manifest: finished, hashing the final ``files`` (``None``: not finished)."""
         if self.is_main_process:
-            write_manifest(self.path, {"fingerprint": self.fingerprint, "finished": files is not None,
-                                       "settings": self.settings}, files=[self.path / f for f in files or []],
-                           name=RUN_FILE)
+            payload = {"fingerprint": self.fingerprint, "finished": files is not None, "settings": self.settings}
+            write_manifest(self.path, payload, [self.path / f for f in files or []], RUN_FILE)
 
     def stage_dir(self, stage: str) -> Path:
         """``checkpoints/<stage>/final``: a stage's results (``untrained``: the evaluation before training)."""
         return self.path / "checkpoints" / stage / "final"
 
     def result(self, stage: str, previous: str | None) -> dict | None:
-        """``stage``'s verified manifest if it carries this run's fingerprint and was computed from the result of
-        digest ``previous``; else None, with one log line."""
+        """``stage``'s verified manifest if computed by this run from the result ``previous``; else None, logged."""
         folder = self.stage_dir(stage)
         if not folder.exists():
             return None
@@ -310,8 +300,4 @@ class RunDirectory:
                 write(folder)
             write_manifest(folder, {"fingerprint": self.fingerprint, "stage": stage, "metrics": metrics,
                                     "previous": previous})
-
-
-def _text(path: Path) -> str:
-    return path.read_text().strip() if path.is_file() else ""
 
