@@ -52,8 +52,7 @@ class CheckpointSealer(TrainerCallback):
 
 def checkpoints(folder: Path) -> list[Path]:
     """``checkpoint-N`` folders of ``folder``, newest (highest N) first."""
-    found = [(int(m[1]), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()] \
-        if folder.is_dir() else []
+    found = [(int(m[1]), p) for p in Path(folder).glob("*") if (m := CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -1,4 +1,4 @@
-"""The main job: `TrainingRun` owns a run, plan to finished folder (docs/training.md, "The run's lifecycle")."""
+"""The main job: `TrainingRun` owns a run from plan to finished folder (docs/training.md, "The run's lifecycle")."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, args: CCAFLTrainingArguments) -> dict[str, Any]:
-    """Run (or continue) the stages in ``args.output_dir``; `RunError` for bad inputs, folder or a failed write."""
+    """Run (or continue) the stages in ``args.output_dir``; returns ``eval_results.json`` (``already_finished``: nothing
+    trained). Raises `RunError` (one line) for a bad input, an unusable folder or a failed write."""
     run = TrainingRun(model_args, data_args, args)
     with run.folder.lock():  # a second run into the folder fails here, at once
         try:
@@ -57,6 +58,7 @@ class TrainingRun(TrainerCallback):
         self.process = PartialState()
         self.folder = RunDirectory(args.output_dir or "", is_main_process=self.process.is_main_process)
         self.explicit = _explicit_checkpoint(args)  # {group: path}; a bad checkpoint path fails before any work
+        self.loop_stages = [s for s in args.stages if s in IMAGE_STAGES]  # trained by one loop
         self.manifests: dict[str, dict] = {}
         self.writing: tuple[Path, int] = (self.folder.path, 0)
 
@@ -64,7 +66,7 @@ class TrainingRun(TrainerCallback):
         """Check and hash every input before the folder is touched, fingerprint the run, decide what it does."""
         self.dataset, self.info = _load_dataset(self.data_args)
         self.model, self.processor = build_model(self.model_args, seed=self.args.seed)
-        if any(s in IMAGE_STAGES for s in self.args.stages):  # sizes against the data and the free memory
+        if self.loop_stages:  # sizes against the data and the free memory
             check_against_data(self.args, self.info.num_train_identities, self.model.reid_feature_dim, self.args.device)
         with self.process.main_process_first():  # the main process hashes; the others read its hash cache
             data_files = data_identity(self.dataset)
@@ -83,8 +85,7 @@ class TrainingRun(TrainerCallback):
     def start(self) -> None:
         """Take the folder (`RunDirectory.start`); prepare the stages (``stage_names``), model and collators."""
         self.folder.start()
-        loop = [LOOP_CHECKPOINTS] if any(s in IMAGE_STAGES for s in self.args.stages) else []  # stages 2-3: one loop
-        self.stage_names = ["untrained", "prompt", *loop]  # --stages: a prefix of prompt icdl ical
+        self.stage_names = ["untrained", "prompt"] + ([LOOP_CHECKPOINTS] if self.loop_stages else [])
         if self.process.is_main_process:
             write_json(self.folder.path / SETTINGS_FILE, resolved_settings(self.model_args, self.data_args, self.args))
         self.process.wait_for_everyone()
@@ -99,9 +100,8 @@ class TrainingRun(TrainerCallback):
             erasing_style=self.args.random_erasing_style, color_jitter=self.args.color_jitter))
         self.eval_collator = ReIDCollator(build_eval_transform(height, width, mean, std))
         self.identity_camids = torch.as_tensor(self.info.identity_camids, dtype=torch.long)
-        # without a query/gallery split no stage is evaluated (the data loader said so, once)
-        self.eval_splits = {s: self.dataset[s] for s in ("query", "gallery")} \
-            if len(self.dataset["query"]) and len(self.dataset["gallery"]) else None
+        evaluated = len(self.dataset["query"]) and len(self.dataset["gallery"])  # else the data loader warned, once
+        self.eval_splits = {s: self.dataset[s] for s in ("query", "gallery")} if evaluated else None
 
     def run_stage(self, name: str) -> None:
         """Reuse ``name``'s verified results, or compute them from the last verified point and seal them."""
@@ -146,7 +146,7 @@ class TrainingRun(TrainerCallback):
                                   memory_temperature=args.memory_temperature,
                                   classifier_scale=args.classifier_scale).to(args.device)
         epochs = {"icdl": args.icdl_epochs, "ical": args.icdl_epochs + args.ical_epochs}
-        ends = {s: end for s, end in epochs.items() if s in args.stages}  # the loop epoch ending each stage
+        ends = {s: epochs[s] for s in self.loop_stages}  # the loop epoch ending each stage
         stages, explicit, prompt = list(ends), LOOP_CHECKPOINTS in self.explicit, self._previous("icdl")
         for stage in stages:  # a stage ending after --resume_from_checkpoint PATH is recomputed from there
             if (explicit and ends[stage] > self.explicit_epoch) or self._verified(stage) is None:
@@ -196,7 +196,7 @@ class TrainingRun(TrainerCallback):
             results = {**self.manifests[names[-1]]["metrics"],
                        "stages": {s: self.manifests[s]["metrics"] for s in names}}
             loop_dir = Path(self.args.stage_output_dir(LOOP_CHECKPOINTS))
-            best = read_best_on_test(loop_dir) if any(s in IMAGE_STAGES for s in self.args.stages) else None
+            best = read_best_on_test(loop_dir) if self.loop_stages else None
             if best is not None:  # --eval_every_epochs / --save_best_checkpoint: the best evaluation, on the test set
                 if best.get("checkpoint"):
                     best["checkpoint"] = (loop_dir / best["checkpoint"]).relative_to(self.folder.path).as_posix()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+from PIL import Image
 
 from .manifest import (
     FORMAT,
@@ -58,8 +59,6 @@ class RunDirectoryError(RunError):
 
 
 def _check_image_header(path: str) -> None:
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018  (the header is parsed on open; the size proves it)
