@@ -217,3 +217,34 @@ def test_too_little_free_space_is_refused_before_writing(trained, tmp_path, monk
     line = _one_error_line(capsys)
     assert f"cannot write the final model to {out}" in line and "(1000 bytes) free" in line
     assert not (out / "model.safetensors").exists() and "bytes) needed" in line
+
+
+# ------------------------------------------------------------------ data without a query/gallery split
+def test_data_without_query_gallery_warns_once_and_seals_every_stage(tmp_path, monkeypatch, caplog, capsys):
+    """Cameras without global ids (no query/gallery split): one warning for the run, not one per evaluation
+    point (before training, each stage end); every stage is sealed without metrics and the rerun trains nothing."""
+    import logging
+
+    from ccafl_hf.data.synthetic import SyntheticSceneConfig, generate_synthetic_scene
+
+    monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
+    scene = generate_synthetic_scene(tmp_path / "scene", SyntheticSceneConfig(num_people=8, seed=1))
+    for ids in scene.rglob("global_ids.txt"):
+        ids.unlink()
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--model_name_or_path", "tiny", "--dataset", "mot", "--data_dir", str(scene),
+            "--dataset_options", json.dumps({"crops_per_track": 4}), "--num_identities_per_batch", "4",
+            "--num_instances", "2", "--prompt_epochs", "1", "--icdl_epochs", "1", "--ical_epochs", "1",
+            "--iters_per_epoch", "2", "--ical_image_text_start_epoch", "1", "--adversarial_start_epoch", "1",
+            "--adversarial_end_epoch", "1", "--eval_every_epochs", "1", "--disable_tqdm", "true", "--num_threads", "1"]
+    for printed in ("CCAFL results", "nothing trained"):  # the run, then its rerun
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert train_main(argv) == 0
+        assert printed in capsys.readouterr().out
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "query/gallery" in
+                r.getMessage()]
+        assert len(said) == 1 and "cannot be evaluated" in said[0], said
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["stages"] == {"untrained": {}, "prompt": {}, "icdl": {}, "ical": {}}
+    assert (out / "checkpoints" / "ical" / "final" / "training_state.safetensors").is_file()

@@ -171,7 +171,7 @@ def test_model_identity_is_the_weights_content(tmp_path):
 def _finished_run(out: Path, settings: dict) -> RunDirectory:
     run = RunDirectory(out, settings)
     with run.lock():
-        assert run.plan().action == "fresh"
+        assert run.plan() == "fresh"
         run.start()
         run.save_result("untrained", {"mAP": 0.1}, previous=None)
         (out / "checkpoints" / "prompt" / "checkpoint-3").mkdir(parents=True)
@@ -185,12 +185,12 @@ def test_plan_fresh_resume_finished_refuse_replace(tmp_path):
     out = tmp_path / "out"
     settings = _settings(tmp_path)
     _finished_run(out, settings)
-    assert RunDirectory(out, settings).plan().action == "finished"
-    assert RunDirectory(out, settings).plan(overwrite=True).action == "replace"  # start over on request
+    assert RunDirectory(out, settings).plan() == "finished"
+    assert RunDirectory(out, settings).plan(overwrite=True) == "replace"  # start over on request
     (out / "model.safetensors").write_bytes(b"weighty")  # changed after the run finished: redone
-    assert RunDirectory(out, settings).plan().action == "resume"
+    assert RunDirectory(out, settings).plan() == "resume"
     (out / "model.safetensors").unlink()  # deleted: redone, never "nothing to train"
-    assert RunDirectory(out, settings).plan().action == "resume"
+    assert RunDirectory(out, settings).plan() == "resume"
 
     changed = _settings(tmp_path, memory_lambda=0.0, association_rate=1.5)
     with pytest.raises(RunDirectoryError) as refused:
@@ -198,7 +198,7 @@ def test_plan_fresh_resume_finished_refuse_replace(tmp_path):
     message = str(refused.value)
     assert "--memory_lambda 0.6 -> 0.0" in message and "--association_rate 1.7 -> 1.5" in message
     assert "--overwrite_output_dir" in message
-    assert RunDirectory(out, changed).plan(overwrite=True).action == "replace"
+    assert RunDirectory(out, changed).plan(overwrite=True) == "replace"
 
     # a stage's results are reused only under the settings and the inputs they were produced with
     assert RunDirectory(out, settings).result("untrained", None)["metrics"] == {"mAP": 0.1}
@@ -212,7 +212,7 @@ def test_a_run_that_never_trained_does_not_block_its_fix(tmp_path):
     with run.lock():
         run.plan()
         run.start()  # failed right after: no checkpoints, no results
-    assert RunDirectory(out, _settings(tmp_path)).plan().action == "replace"
+    assert RunDirectory(out, _settings(tmp_path)).plan() == "replace"
 
 
 def test_a_folder_of_other_files_is_never_replaced(tmp_path):
@@ -234,7 +234,7 @@ def test_a_run_of_an_earlier_version_is_replaced_only_on_request(tmp_path):
     write_json(out / RUN_FILE, {"fingerprint": "0", "finished": True, "settings": {"seed": 42}})
     with pytest.raises(RunDirectoryError, match="earlier ccafl-hf version.*--overwrite_output_dir"):
         RunDirectory(out, _settings(tmp_path)).plan()
-    assert RunDirectory(out, _settings(tmp_path)).plan(overwrite=True).action == "replace"
+    assert RunDirectory(out, _settings(tmp_path)).plan(overwrite=True) == "replace"
 
 
 def test_replace_moves_aside_then_deletes_and_restores_on_failure(tmp_path, monkeypatch):
@@ -251,7 +251,7 @@ def test_replace_moves_aside_then_deletes_and_restores_on_failure(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with run.lock():
-        assert run.plan(overwrite=True).action == "replace"
+        assert run.plan(overwrite=True) == "replace"
         with monkeypatch.context() as patch:
             patch.setattr("ccafl_hf.pipeline.run_directory.write_manifest", failing)
             with pytest.raises(OSError):
@@ -269,7 +269,7 @@ def test_truncated_run_file_falls_back_to_stage_fingerprints(tmp_path, caplog):
     _finished_run(out, settings)
     (out / RUN_FILE).write_bytes(b"")  # 0 bytes
     with caplog.at_level(logging.WARNING):
-        assert RunDirectory(out, settings).plan().action == "resume"
+        assert RunDirectory(out, settings).plan() == "resume"
     assert any(RUN_FILE in r.message for r in caplog.records)
     with pytest.raises(RunDirectoryError, match="unreadable"):
         RunDirectory(out, _settings(tmp_path, seed=5)).plan()

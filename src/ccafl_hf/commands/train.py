@@ -151,7 +151,7 @@ def _one_line(error: Exception) -> str:
 def train_main(argv: list[str] | None = None) -> int:
     """``accelerate launch scripts/train.py [flags]``: all three stages on the chosen data."""
     from ..pipeline import run_training
-    from ..pipeline.run_directory import describe_write_error
+    from ..pipeline.manifest import describe_write_error
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:

@@ -1,11 +1,4 @@
-"""Files that prove what they hold: streamed content hashes, manifests written last, atomic writes, and
-one line for a failed write (full disk, no permission).
-
-A folder (a stage's results, a checkpoint, the finished run) *exists* only when its ``manifest.json``
-exists, lists every file it consists of with its blake2b hash, and every listed file still hashes to
-it (`verify_manifest`). The manifest is written after the files, atomically: a folder cut off by a
-kill, a truncated or replaced file, or a deleted one fails verification and is redone.
-"""
+"""Files that prove what they hold: blake2b content hashes, manifests written last, atomic writes, write errors."""
 
 from __future__ import annotations
 
@@ -28,15 +21,13 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 FORMAT = "ccafl-hf-run/2"
-_CHUNK = 1 << 20
 
 
-# ------------------------------------------------------------------------------------------- hashes
 def file_digest(path: str | os.PathLike) -> str:
     """blake2b (32 bytes, hex) of a file's content, read in 1 MiB chunks."""
     digest = hashlib.blake2b(digest_size=32)
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
+        while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -47,45 +38,37 @@ def json_digest(payload: Any) -> str:
 
 
 def cached_digests(paths: list[str], check: Callable[[str], None] | None = None) -> list[str]:
-    """Content hashes of input files (the data, the start model), cached in the package's cache under
-    ``hashes/`` keyed by path, size, mtime and inode, so a rerun does not re-read a large dataset.
-
-    ``check(path)`` (e.g. an image header check) runs on every file that is hashed anew; a file whose
-    hash comes from the cache passed it when it was hashed.
-    """
-    if not paths:
-        return []
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    """`file_digest` of input files, cached by path, size, mtime and inode; ``check(path)`` on each hashed anew."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
     store = cache_dir("hashes", f"{short_hash({'root': root})}.json")
-    try:
-        cached = json.loads(store.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    cached = cached if isinstance(cached, dict) else {}
-    digests, changed = [], False
+    cached = read_json(store)
+    cached, digests, changed = cached if isinstance(cached, dict) else {}, [], False
     for path in paths:
-        stat = os.stat(path)
-        key = os.path.relpath(os.path.abspath(path), root)
+        stat, key = os.stat(path), os.path.relpath(os.path.abspath(path), root)
         stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        entry = cached.get(key)
-        if not (isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp):
+        if not (isinstance(cached.get(key), list) and len(cached[key]) == 4 and cached[key][:3] == stamp):
             if check is not None:
                 check(path)
-            entry, changed = [*stamp, file_digest(path)], True
-            cached[key] = entry
-        digests.append(entry[3])
+            cached[key], changed = [*stamp, file_digest(path)], True
+        digests.append(cached[key][3])
     if changed:
         try:
             write_json(store, cached)
-        except (OSError, RunError):  # an unwritable cache only costs the next run the hashing
+        except OSError:  # an unwritable cache only costs the next run the hashing
             logger.info("could not write the hash cache %s", store)
     return digests
 
 
-# ------------------------------------------------------------------------------------ atomic files
+def remove(path: Path) -> None:
+    """Delete a file or a folder, if there."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(temp)`` on a temporary name in ``path``'s folder, then rename it to ``path``: a reader
-    sees the old file or the whole new one. A failed write leaves no temporary file behind."""
+    """``write(temp)`` beside ``path``, renamed to ``path``: the old file or the whole new one, no temporary left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
@@ -93,10 +76,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
         write(temp)
         os.replace(temp, path)
     except BaseException:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
+        remove(temp)
         raise
     return path
 
@@ -115,96 +95,64 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------- manifests
-def folder_files(folder: Path) -> list[Path]:
-    """Every file of ``folder`` (recursively) but its manifest and temporary files."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
-                  and not any(part.startswith(TEMP_PREFIX) for part in p.relative_to(folder).parts))
-
-
 def write_manifest(folder: str | os.PathLike, payload: dict[str, Any], files: Iterable[Path] | None = None,
                    name: str = MANIFEST) -> dict:
-    """Hash ``files`` (default: every file of ``folder``) and write ``folder/<name>`` last, holding
-    ``payload`` and ``{"files": {relative path: hash}}``. Returns the manifest."""
+    """Write ``folder/<name>``, last: ``payload`` and the hash of each of ``files`` (default: the folder's)."""
     folder = Path(folder)
-    listed = folder_files(folder) if files is None else sorted(files)
+    if files is None:
+        files = [p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                 and not any(part.startswith(TEMP_PREFIX) for part in p.relative_to(folder).parts)]
     content = {"format": FORMAT, **payload,
-               "files": {p.relative_to(folder).as_posix(): file_digest(p) for p in listed}}
+               "files": {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(files)}}
     write_json(folder / name, content)
     return content
 
 
 def verify_manifest(folder: str | os.PathLike, require: Iterable[str] = (),
                     manifest: str = MANIFEST) -> tuple[dict | None, str]:
-    """``(manifest, "")`` when ``folder/manifest`` is readable and every listed file (and each of
-    ``require``) is present with its hash; else ``(None, why)`` — a short phrase for the log line."""
+    """``(manifest, "")`` if every listed file (and each of ``require``) has its hash, else ``(None, why)``."""
     folder = Path(folder)
     content = read_json(folder / manifest)
     if not isinstance(content, dict) or content.get("format") != FORMAT or not isinstance(content.get("files"), dict):
         return None, f"no readable {manifest} (cut off while being written, or not written by this version)"
     files = content["files"]
-    for name in require:
-        if name not in files:
+    for name in dict.fromkeys([*require, *files]):
+        if name not in files or not (folder / name).is_file():
             return None, f"{name} is missing"
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            return None, f"{name} is missing"
-        if file_digest(path) != digest:
+        if file_digest(folder / name) != files[name]:
             return None, f"{name} does not match its manifest (cut off or changed)"
     return content, ""
 
 
-# -------------------------------------------------------------------------------------- write errors
-def is_write_failure(error: BaseException) -> bool:
-    """A full disk, a quota or a folder that cannot be written, whatever library reported it (OSError,
-    torch.save's RuntimeError, safetensors' SafetensorError)."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG)
+def describe_write_error(error: BaseException, where: str | os.PathLike, needed: int = 0) -> str | None:
+    """``cannot write PATH: no space left on the device (about N MB needed, M MB free)`` for a failed write
+    (an OSError, torch.save's RuntimeError or safetensors' SafetensorError); None for any other error."""
     text = str(error)
-    return ((isinstance(error, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text))
-            or (type(error).__name__ == "SafetensorError" and ("IoError" in text or "os error" in text)))
-
-
-def describe_write_failure(error: BaseException, where: str | os.PathLike, needed: int) -> str:
-    """``cannot write PATH: no space left on the device (N MB needed, M MB free)`` for a `is_write_failure`."""
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                                                           errno.EROFS, errno.EFBIG)
+            or isinstance(error, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter" in text)
+            or type(error).__name__ == "SafetensorError" and ("IoError" in text or "os error" in text)):
+        return None
     where = getattr(error, "filename", None) or where
-    reason = (error.strerror if isinstance(error, OSError) and error.strerror
-              and error.errno not in (errno.ENOSPC, errno.EDQUOT) else "no space left on the device")
-    return f"cannot write {where}: {reason} ({_space(where, needed)})"
+    full = not isinstance(error, OSError) or not error.strerror or error.errno in (errno.ENOSPC, errno.EDQUOT)
+    reason = "no space left on the device" if full else error.strerror
+    return f"cannot write {where}: {reason} ({_space(where, needed)[1]})"
 
 
-def describe_write_error(error: BaseException, output_dir: str | os.PathLike) -> str | None:
-    """`describe_write_failure` without a size, or None when ``error`` is no failed write."""
-    return describe_write_failure(error, output_dir, 0) if is_write_failure(error) else None
+def ensure_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise `RunError` (one line naming ``folder`` and the bytes) when ``what`` needs more than is free."""
+    free, text = _space(folder, needed)
+    if free is not None and free < needed:
+        raise RunError(f"cannot write {what} to {folder}: no space left on the device ({text})")
 
 
-def _space(where: str | os.PathLike, needed: int) -> str:
+def _space(where: str | os.PathLike, needed: int) -> tuple[int | None, str]:
     folder = Path(where)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        free = f"{_mb(shutil.disk_usage(folder).free)} free"
+        free = shutil.disk_usage(folder).free
+        text = f"{free / 1e6:.1f} MB ({free} bytes) free"
     except OSError:
-        free = "free space unknown"
-    return f"about {_mb(needed)} needed, {free}" if needed > 0 else free
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB ({size} bytes)"
-
-
-def ensure_space(folder: str | os.PathLike, needed: int, what: str) -> None:
-    """Raise `RunError` (one line naming ``folder`` and the bytes) when the device holding ``folder`` has
-    fewer than ``needed`` bytes free, before ``what`` is written."""
-    probe = Path(folder)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise RunError(f"cannot write {what} to {folder}: no space left on the device ({_space(probe, needed)})")
-
-
-__all__ = ["MANIFEST", "cached_digests", "describe_write_error", "describe_write_failure", "ensure_space", "file_digest", "folder_files",
-           "is_write_failure", "json_digest", "read_json", "verify_manifest", "write_atomically", "write_json",
-           "write_manifest"]
+        free, text = None, "free space unknown"
+    return free, f"about {needed / 1e6:.1f} MB ({needed} bytes) needed, {text}" if needed > 0 else text

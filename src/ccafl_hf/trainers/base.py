@@ -417,13 +417,15 @@ class CCAFLTrainer(Trainer):
         args: CCAFLTrainerConfig = self.args
         self._sync_from_main_process(self.training_module.model.buffers())
         mid_stage, self._mid_stage_evaluation = self._mid_stage_evaluation, False
+        splits = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if splits is None:  # built without evaluation data (the pipeline's, for data without query/gallery)
+            return {}
         # a periodic evaluation leaves the random state as it found it (its dataloaders draw a seed from it):
         # training with --eval_every_epochs follows the same course as without
         with torch.random.fork_rng(devices=[], enabled=mid_stage):
             summary = evaluate_splits(
-                self.training_module.model, eval_dataset if eval_dataset is not None else self.eval_dataset,
-                self.eval_collator, extraction_options(args, flip=args.eval_flip), rerank=args.eval_rerank,
-                accelerator=self.accelerator, stage=self.current_stage,
+                self.training_module.model, splits, self.eval_collator, extraction_options(args, flip=args.eval_flip),
+                rerank=args.eval_rerank, accelerator=self.accelerator, stage=self.current_stage,
             )
         if not summary:
             return {}
