@@ -131,8 +131,9 @@ def markdown(table: dict[str, dict[str, list[float]]], seeds: list[int]) -> str:
             verdict = verdict.upper()
         elif (what, row, base) in DIAGNOSTICS:
             verdict += " (information)"
+        spread = f" ± {100 * statistics.stdev(gains) / len(gains) ** 0.5:.1f} s.e." if len(gains) > 1 else ""
         lines.append(
-            f"- {what}: {row} vs {base}: mAP {100 * statistics.fmean(gains):+.1f} points "
+            f"- {what}: {row} vs {base}: mAP {100 * statistics.fmean(gains):+.1f}{spread} points "
             f"(per seed {', '.join(f'{100 * g:+.1f}' for g in gains)}), {verdict}"
         )
     return "\n".join(lines)
