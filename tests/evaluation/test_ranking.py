@@ -251,21 +251,25 @@ def test_counting_matches_full_sort_with_ties(monkeypatch, survivors, metric, nu
         expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
         assert len(np.unique(distmat)) < distmat.size  # tied distances
         assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank), expected)
+        # float64 distances: the binary search instead of the (row, float32) key search
+        assert_same(evaluate_rank(distmat.astype(np.float64), q_pids, g_pids, q_cams, g_cams, max_rank=max_rank),
+                    expected)
         for chunk in (None, 3):
             got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric,
                                        max_rank=max_rank, chunk_size=chunk)
             assert_same(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("survivors", ["sparse", "dense"])
-def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, survivors):
+def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, survivors, dtype):
     """Hand-made rows: a negative and a junk entry at exactly a positive's distance, before and after
     it in gallery order, and two positives at one distance."""
     q_pids, q_cams = np.array([1, 2]), np.array([0, 0])
     g_pids = np.array([3, 1, 1, 1, 0, 1, 2, 2])
     g_cams = np.array([1, 1, 0, 2, 1, 1, 1, 1])
     distmat = np.array([[0.5, 0.5, 0.5, 0.2, 0.5, 0.5, 0.9, 0.1],
-                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=np.float32)
+                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=dtype)
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0 if survivors == "sparse" else -1.0)
     expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)
     got = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)

@@ -86,7 +86,6 @@ def check_metric(metric: str) -> str:
     return metric
 
 
-
 # -------------------------------------------------------------------------------------------- distances
 def prepare_features(x: torch.Tensor, metric: str) -> torch.Tensor:
     """Features ready for `pairwise_distance(..., prepared=True)`: L2-normalised rows for cosine."""
@@ -123,6 +122,22 @@ def pairwise_distance(
     return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
+_NUMPY_COMPARISONS = {"le": np.less_equal, "ge": np.greater_equal}
+
+
+def compare(x: torch.Tensor, bound: torch.Tensor, op: Literal["le", "ge"], out: torch.Tensor) -> torch.Tensor:
+    """``x <= bound`` (``op="le"``) or ``x >= bound`` (``"ge"``) written into the boolean ``out``
+    (``x``'s shape; ``bound`` broadcasts to it, same dtype as ``x``). Returns ``out``.
+
+    On the CPU numpy's vectorised loop does it about three times faster than torch's comparison into
+    a boolean tensor, which matters on the passes over every distance; elsewhere torch.
+    """
+    if x.device.type == "cpu":
+        _NUMPY_COMPARISONS[op](x.numpy(), bound.numpy(), out=out.numpy())
+        return out
+    return getattr(torch, op)(x, bound, out=out)
+
+
 def count_nonzero(mask: torch.Tensor) -> int:
     """Number of true entries of a contiguous boolean ``mask`` (numpy's popcount on the CPU)."""
     if mask.device.type == "cpu":
@@ -148,6 +163,7 @@ __all__ = [
     "check_features",
     "check_ids",
     "check_metric",
+    "compare",
     "count_nonzero",
     "flat_nonzero",
     "pairwise_distance",
