@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from ccafl_hf.evaluation import (
     KReciprocalDistances,
@@ -259,3 +260,19 @@ def test_one_pass_on_gpu_if_available():
     on_cpu = compute_reid_metrics(qf, gf, *ids, rerank=True)
     on_gpu = compute_reid_metrics(qf.cuda(), gf.cuda(), *ids, rerank=True)
     assert on_gpu["mAP"] == pytest.approx(on_cpu["mAP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("slots", [1, 7, 1 << 22])
+def test_overlap_entries_match_a_dense_sum(monkeypatch, slots):
+    """The Jaccard overlaps S[a, b] = Σ_j min(V[a, j], V'[j, b]) summed per block of rows (one row,
+    a few rows, all rows at once) equal a dense float64 sum, only where S is non-zero."""
+    monkeypatch.setattr(rerank_module, "_OVERLAP_SLOTS", slots)
+    rng = np.random.default_rng(slots)
+    dense_rows = np.where(rng.random((9, 30)) < 0.2, rng.random((9, 30)), 0.0).astype(np.float32)
+    dense_cols = np.where(rng.random((30, 11)) < 0.2, rng.random((30, 11)), 0.0).astype(np.float32)
+    dense_rows[4] = 0.0  # a row sharing nothing
+    keys, values = rerank_module._overlap_entries(sparse.csr_matrix(dense_rows), sparse.csr_matrix(dense_cols))
+    expected = np.minimum(dense_rows[:, :, None].astype(np.float64), dense_cols[None, :, :]).sum(1)
+    np.testing.assert_array_equal(keys, np.flatnonzero(expected))
+    np.testing.assert_allclose(values, expected.ravel()[keys].astype(np.float32), rtol=1e-6)
+    assert keys.dtype == np.int64 and values.dtype == np.float32

@@ -44,6 +44,8 @@ from .distances import (
     DistanceMetric,
     check_feature_pair,
     check_metric,
+    compare,
+    count_nonzero,
     flat_nonzero,
     pairwise_distance,
     prepare_features,
@@ -55,8 +57,8 @@ logger = logging.getLogger(__name__)
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
 _PAIR_BLOCK = 1 << 12
-# Target number of (query, shared column, gallery) triples per Jaccard block.
-_TRIPLE_BLOCK = 1 << 23
+# Dense (query, gallery) slots per block when summing the Jaccard overlaps (float64: 32 MB).
+_OVERLAP_SLOTS = 1 << 22
 # Side of the square blocks of the one-pass neighbour search.
 _KNN_BLOCK = 1024
 
@@ -166,29 +168,27 @@ def _overlap_entries(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> 
 
     ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Returns
     ``(keys, values)``: flat positions ``a * B + b`` (int64, ascending, unique) and ``S`` there
-    (float32, summed in float64 in (a, j) order). Work is proportional to the number of (row, shared
-    column, column-side entry) triples, never to ``A × B``.
+    (float32, summed in float64 in (a, j) order). The (row, shared column, column-side entry) triples
+    of a block of rows are summed by one ``bincount`` into the block's dense ``[rows, B]`` slots, no
+    sort; the work is proportional to the triples plus ``A × B`` zeroed slots.
     """
-    b_num = v_cols_t.shape[1]
+    a_num, b_num = v_rows.shape[0], v_cols_t.shape[1]
     key_parts, value_parts = [], []
     nnz_per_row = np.diff(v_rows.indptr)
     col_count = np.diff(v_cols_t.indptr)
-    cum = np.concatenate(([0], np.cumsum(col_count[v_rows.indices])))
-    triples = cum[v_rows.indptr[1:]] - cum[v_rows.indptr[:-1]]  # [A]
-    block_of_row = (np.cumsum(triples) - triples) // _TRIPLE_BLOCK
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [v_rows.shape[0]]))
-    for lo, hi in zip(starts[:-1], starts[1:]):
+    step = max(1, _OVERLAP_SLOTS // max(b_num, 1))
+    for lo in range(0, a_num, step):
+        hi = min(lo + step, a_num)
         e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
         cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
-        row = np.repeat(np.arange(lo, hi, dtype=np.int64), nnz_per_row[lo:hi])
+        row = np.repeat(np.arange(hi - lo, dtype=np.int64) * b_num, nnz_per_row[lo:hi])
         seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
-        keys = row[seg] * b_num + v_cols_t.indices[pos]
-        order = np.argsort(keys, kind="stable")  # a key's triples keep their order: same float64 sums
-        keys = keys[order]
-        first = np.concatenate(([True], keys[1:] != keys[:-1]))
-        shared = np.minimum(vals[seg[order]], v_cols_t.data[pos[order]])
-        key_parts.append(keys[first])
-        value_parts.append(np.bincount(np.cumsum(first) - 1, weights=shared).astype(np.float32))
+        shared = np.minimum(vals[seg], v_cols_t.data[pos])
+        # bincount adds each slot's triples in (a, j) order, as the reference's row sums do
+        total = np.bincount(row[seg] + v_cols_t.indices[pos], weights=shared, minlength=(hi - lo) * b_num)
+        keys = np.flatnonzero(total)
+        key_parts.append(keys + lo * b_num)
+        value_parts.append(total[keys].astype(np.float32))
     if not key_parts:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(key_parts), np.concatenate(value_parts)
@@ -316,13 +316,16 @@ def _key_scores(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32).view(torch.float32)
 
 
-def _merge_candidates(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+def _merge_candidates(
+    best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, rows_sorted: bool = False
+) -> torch.Tensor | None:
     """Fold candidate ``keys`` of state ``rows`` into ``best [N, k]`` (keys, descending); returns the
-    updated rows (or None)."""
+    updated rows (or None). ``rows_sorted``: ``rows`` already ascending (no sort needed)."""
     if rows.numel() == 0:
         return None
-    order = torch.argsort(rows, stable=True)
-    rows, keys = rows[order], keys[order]
+    if not rows_sorted:
+        order = torch.argsort(rows, stable=True)
+        rows, keys = rows[order], keys[order]
     touched, counts = torch.unique_consecutive(rows, return_counts=True)
     seg = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
     pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[seg]
@@ -351,31 +354,39 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     kth = torch.full((n,), -math.inf, device=device)  # score of each row's current k-th neighbour
     lowest = torch.full((n,), math.inf, device=device)  # smallest score of each row: the farthest item
 
+    block = _KNN_BLOCK
+    side = min(block, n)
+    mask_buf = torch.empty(side * side, dtype=torch.bool, device=device)  # reused scratch, no fresh pages
+
     def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
         # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
+        nr, nc = score.shape
         if transposed:
-            lowest[cols0 : cols0 + score.shape[1]] = torch.minimum(lowest[cols0 : cols0 + score.shape[1]],
-                                                                   score.amin(0))
-            flat = flat_nonzero(torch.ge(score, kth[None, cols0 : cols0 + score.shape[1]]))
-            r, c = flat // score.shape[1], flat % score.shape[1]
-            state, item = c + cols0, r + rows0
+            states = slice(cols0, cols0 + nc)
+            lowest[states] = torch.minimum(lowest[states], score.amin(0))
+            bound = kth[None, states]
         else:
-            lowest[rows0 : rows0 + score.shape[0]] = torch.minimum(lowest[rows0 : rows0 + score.shape[0]],
-                                                                   score.amin(1))
-            flat = flat_nonzero(torch.ge(score, kth[rows0 : rows0 + score.shape[0], None]))
-            r, c = flat // score.shape[1], flat % score.shape[1]
-            state, item = r + rows0, c + cols0
-        touched = _merge_candidates(best, state, _score_keys(score[r, c], item))
-        if touched is not None:
-            kth[touched] = _key_scores(best[touched, k - 1])
+            states = slice(rows0, rows0 + nr)
+            lowest[states] = torch.minimum(lowest[states], score.amin(1))
+            bound = kth[states, None]
+        mask = compare(score, bound, "ge", out=mask_buf[: nr * nc].view(nr, nc))
+        if count_nonzero(mask) == 0:  # most blocks, once the thresholds are tight
+            return
+        flat = flat_nonzero(mask).to(device)
+        r = flat.div(nc, rounding_mode="floor")
+        c = flat - r * nc
+        state, item = (c + cols0, r + rows0) if transposed else (r + rows0, c + cols0)
+        keys = _score_keys(score.view(-1).index_select(0, flat), item)
+        touched = _merge_candidates(best, state, keys, rows_sorted=not transposed)
+        kth[touched] = _key_scores(best[touched, k - 1])
 
-    block = _KNN_BLOCK
-    buf = torch.empty(min(block, n), min(block, n), dtype=x.dtype, device=device)
+    buf = torch.empty(side * side, dtype=x.dtype, device=device)  # blocks are contiguous views of these
+    shifted = torch.empty(side * side, dtype=x.dtype, device=device) if metric == "euclidean" else None
     # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
     # thresholds are tight before the off-diagonal blocks, where few entries pass them.
     for i0 in range(0, n, block):
         xi = x[i0 : i0 + block]
-        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0], : xi.shape[0]])
+        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0] ** 2].view(xi.shape[0], xi.shape[0]))
         score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
         lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
         item = torch.arange(i0, i0 + xi.shape[0], device=device)
@@ -386,13 +397,14 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
         xi = x[i0 : i0 + block]
         for j0 in range(i0 + block, n, block):
             xj = x[j0 : j0 + block]
-            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0], : xj.shape[0]])
+            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
             if metric == "cosine":
                 fold(s, i0, j0, False)
                 fold(s, i0, j0, True)
-            else:
-                fold(2.0 * s - sq[None, j0 : j0 + xj.shape[0]], i0, j0, False)
-                fold(2.0 * s - sq[i0 : i0 + xi.shape[0], None], i0, j0, True)
+            else:  # 2 x·y - ‖y‖² (then - ‖x‖²), the same float32 operations as on the diagonal
+                t = shifted[: s.numel()].view(s.shape)
+                fold(torch.mul(s, 2.0, out=t).sub_(sq[None, j0 : j0 + xj.shape[0]]), i0, j0, False)
+                fold(torch.mul(s, 2.0, out=t).sub_(sq[i0 : i0 + xi.shape[0], None]), i0, j0, True)
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
