@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 # Rows of the neighbour structure processed per block while building the expanded sets.
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
-_PAIR_BLOCK = 1 << 12
+_PAIR_BLOCK = 1 << 10
 # Dense (query, gallery) slots per block when summing the Jaccard overlaps (float64: 32 MB).
 _OVERLAP_SLOTS = 1 << 22
 # Side of the square blocks of the one-pass neighbour search.
@@ -85,7 +85,7 @@ def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     counts = counts.astype(np.int64, copy=False)
     seg = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
     first = np.cumsum(counts) - counts
-    pos = np.arange(seg.size, dtype=np.int64) - first[seg] + starts.astype(np.int64, copy=False)[seg]
+    pos = np.arange(seg.size, dtype=np.int64) + np.repeat(starts.astype(np.int64, copy=False) - first, counts)
     return seg, pos
 
 
@@ -182,11 +182,13 @@ def _overlap_entries(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> 
         e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
         cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
         row = np.repeat(np.arange(hi - lo, dtype=np.int64) * b_num, nnz_per_row[lo:hi])
-        seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
-        shared = np.minimum(vals[seg], v_cols_t.data[pos])
+        counts = col_count[cols]
+        _, pos = _ragged(v_cols_t.indptr[cols], counts)
+        shared = np.minimum(np.repeat(vals, counts), v_cols_t.data[pos])
         # bincount adds each slot's triples in (a, j) order, as the reference's row sums do
-        total = np.bincount(row[seg] + v_cols_t.indices[pos], weights=shared, minlength=(hi - lo) * b_num)
-        keys = np.flatnonzero(total)
+        slots = np.repeat(row, counts) + v_cols_t.indices[pos]
+        total = np.bincount(slots, weights=shared, minlength=(hi - lo) * b_num)
+        keys = np.flatnonzero(total != 0)  # via a boolean mask: several times faster than on float64
         key_parts.append(keys + lo * b_num)
         value_parts.append(total[keys].astype(np.float32))
     if not key_parts:
