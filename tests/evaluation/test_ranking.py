@@ -278,3 +278,30 @@ def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, surviv
     ap1 = (1 / 2 + 2 / 4 + 3 / 6) / 3
     ap2 = (1 / 7 + 2 / 8) / 2  # query 2: all tied, its positives are the last two
     assert got["mAP"] == pytest.approx((ap1 + ap2) / 2, abs=1e-12)
+
+
+def test_serial_cpu_ops_restores_the_thread_count():
+    """The small post-product operations run on one thread; the caller's setting comes back, also
+    after an error, and the metrics do not depend on it."""
+    from ccafl_hf.evaluation.distances import serial_cpu_ops
+
+    before = torch.get_num_threads()
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=6)
+    try:
+        torch.set_num_threads(2)
+        with serial_cpu_ops(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), serial_cpu_ops(torch.device("cpu")):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        two = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        one = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+    finally:
+        torch.set_num_threads(before)
+    assert_same(two, one, atol=0)

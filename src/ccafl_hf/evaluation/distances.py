@@ -7,6 +7,8 @@ results agree to the bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -122,6 +124,25 @@ def pairwise_distance(
     return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
+@contextmanager
+def serial_cpu_ops(device: torch.device) -> Iterator[None]:
+    """Run the enclosed torch CPU operations on one intra-op thread, then restore the thread count.
+
+    For the many small operations after each product (thresholds, candidate merges, ranks): split
+    over threads they spend more time synchronising than computing, and far more when other
+    processes share the cores; the products themselves keep every thread. No effect off the CPU.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 _NUMPY_COMPARISONS = {"le": np.less_equal, "ge": np.greater_equal}
 
 
@@ -168,4 +189,5 @@ __all__ = [
     "flat_nonzero",
     "pairwise_distance",
     "prepare_features",
+    "serial_cpu_ops",
 ]

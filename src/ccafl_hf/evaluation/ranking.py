@@ -41,6 +41,7 @@ from .distances import (
     flat_nonzero,
     pairwise_distance,
     prepare_features,
+    serial_cpu_ops,
 )
 from .rerank import rerank_from_features
 
@@ -341,8 +342,9 @@ def evaluate_rank(
     for rows in queries.split(chunk):
         dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
         torch.index_select(d, 0, rows, out=dist)
-        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+        with serial_cpu_ops(dist.device):
+            idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
+            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
     return acc.result(num_q)
 
 
@@ -406,8 +408,9 @@ def compute_reid_metrics(
             pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
         else:
             dist = reranker.distances(rows).contiguous()
-        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+        with serial_cpu_ops(dist.device):
+            idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
+            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
     return acc.result(num_q)
 
 

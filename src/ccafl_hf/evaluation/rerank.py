@@ -49,6 +49,7 @@ from .distances import (
     flat_nonzero,
     pairwise_distance,
     prepare_features,
+    serial_cpu_ops,
 )
 
 logger = logging.getLogger(__name__)
@@ -389,24 +390,26 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     for i0 in range(0, n, block):
         xi = x[i0 : i0 + block]
         s = torch.mm(xi, xi.T, out=buf[: xi.shape[0] ** 2].view(xi.shape[0], xi.shape[0]))
-        score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
-        lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
-        item = torch.arange(i0, i0 + xi.shape[0], device=device)
-        keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
-        best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
-        kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
+        with serial_cpu_ops(device):
+            score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
+            lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
+            item = torch.arange(i0, i0 + xi.shape[0], device=device)
+            keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
+            best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
+            kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
     for i0 in range(0, n, block):
         xi = x[i0 : i0 + block]
         for j0 in range(i0 + block, n, block):
             xj = x[j0 : j0 + block]
             s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
-            if metric == "cosine":
-                fold(s, i0, j0, False)
-                fold(s, i0, j0, True)
-            else:  # 2 x·y - ‖y‖² (then - ‖x‖²), the same float32 operations as on the diagonal
-                t = shifted[: s.numel()].view(s.shape)
-                fold(torch.mul(s, 2.0, out=t).sub_(sq[None, j0 : j0 + xj.shape[0]]), i0, j0, False)
-                fold(torch.mul(s, 2.0, out=t).sub_(sq[i0 : i0 + xi.shape[0], None]), i0, j0, True)
+            with serial_cpu_ops(device):
+                if metric == "cosine":
+                    fold(s, i0, j0, False)
+                    fold(s, i0, j0, True)
+                else:  # 2 x·y - ‖y‖² (then - ‖x‖²), the same float32 operations as on the diagonal
+                    t = shifted[: s.numel()].view(s.shape)
+                    fold(torch.mul(s, 2.0, out=t).sub_(sq[None, j0 : j0 + xj.shape[0]]), i0, j0, False)
+                    fold(torch.mul(s, 2.0, out=t).sub_(sq[i0 : i0 + xi.shape[0], None]), i0, j0, True)
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
