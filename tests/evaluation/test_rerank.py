@@ -276,3 +276,23 @@ def test_overlap_entries_match_a_dense_sum(monkeypatch, slots):
     np.testing.assert_array_equal(keys, np.flatnonzero(expected))
     np.testing.assert_allclose(values, expected.ravel()[keys].astype(np.float32), rtol=1e-6)
     assert keys.dtype == np.int64 and values.dtype == np.float32
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_one_pass_with_several_threads_folds_both_sides_at_once(monkeypatch, metric):
+    """With more than one torch thread the row and column sides of a block are folded concurrently
+    (disjoint states): the same exact neighbours and farthest distances, and the caller's thread
+    count is back afterwards."""
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 7)
+    x = _integer_features(60, seed=11)
+    x[30] = x[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        neighbours, farthest = rerank_module._neighbours_and_farthest(x, 9, metric)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    expected, expected_far = slow_neighbours(x, 9, metric)
+    np.testing.assert_array_equal(neighbours.numpy(), expected)
+    np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-6)

@@ -33,6 +33,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +47,6 @@ from .distances import (
     check_feature_pair,
     check_metric,
     compare,
-    count_nonzero,
     flat_nonzero,
     pairwise_distance,
     prepare_features,
@@ -359,7 +360,9 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
 
     block = _KNN_BLOCK
     side = min(block, n)
-    mask_buf = torch.empty(side * side, dtype=torch.bool, device=device)  # reused scratch, no fresh pages
+    # reused scratch (no fresh pages): one comparison mask, one shifted score per side of a block
+    masks = torch.empty(2, side * side, dtype=torch.bool, device=device)
+    shifted = torch.empty(2, side * side, dtype=x.dtype, device=device) if metric == "euclidean" else None
 
     def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
         # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
@@ -372,10 +375,10 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
             states = slice(rows0, rows0 + nr)
             lowest[states] = torch.minimum(lowest[states], score.amin(1))
             bound = kth[states, None]
-        mask = compare(score, bound, "ge", out=mask_buf[: nr * nc].view(nr, nc))
-        if count_nonzero(mask) == 0:  # most blocks, once the thresholds are tight
-            return
+        mask = compare(score, bound, "ge", out=masks[int(transposed), : nr * nc].view(nr, nc))
         flat = flat_nonzero(mask).to(device)
+        if flat.numel() == 0:
+            return
         r = flat.div(nc, rounding_mode="floor")
         c = flat - r * nc
         state, item = (c + cols0, r + rows0) if transposed else (r + rows0, c + cols0)
@@ -384,7 +387,6 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
         kth[touched] = _key_scores(best[touched, k - 1])
 
     buf = torch.empty(side * side, dtype=x.dtype, device=device)  # blocks are contiguous views of these
-    shifted = torch.empty(side * side, dtype=x.dtype, device=device) if metric == "euclidean" else None
     # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
     # thresholds are tight before the off-diagonal blocks, where few entries pass them.
     for i0 in range(0, n, block):
@@ -397,19 +399,29 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
             keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
             best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
             kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
-    for i0 in range(0, n, block):
-        xi = x[i0 : i0 + block]
-        for j0 in range(i0 + block, n, block):
-            xj = x[j0 : j0 + block]
-            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
-            with serial_cpu_ops(device):
-                if metric == "cosine":
-                    fold(s, i0, j0, False)
-                    fold(s, i0, j0, True)
-                else:  # 2 x·y - ‖y‖² (then - ‖x‖²), the same float32 operations as on the diagonal
-                    t = shifted[: s.numel()].view(s.shape)
-                    fold(torch.mul(s, 2.0, out=t).sub_(sq[None, j0 : j0 + xj.shape[0]]), i0, j0, False)
-                    fold(torch.mul(s, 2.0, out=t).sub_(sq[i0 : i0 + xi.shape[0], None]), i0, j0, True)
+    # With several threads on the CPU, a block's row side and column side are folded at once, on
+    # disjoint states (j0 > i0): the folds run single-threaded, the products on every thread.
+    parallel = device.type == "cpu" and torch.get_num_threads() > 1
+    with ThreadPoolExecutor(1) if parallel else nullcontext() as pool:
+        for i0 in range(0, n, block):
+            xi = x[i0 : i0 + block]
+            for j0 in range(i0 + block, n, block):
+                xj = x[j0 : j0 + block]
+                s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
+                with serial_cpu_ops(device):
+                    if metric == "cosine":
+                        by_row = by_column = s
+                    else:  # 2 x·y - ‖y‖² (‖x‖² for the columns), the same float32 operations as on the diagonal
+                        by_row = torch.mul(s, 2.0, out=shifted[0, : s.numel()].view(s.shape))
+                        by_row.sub_(sq[None, j0 : j0 + xj.shape[0]])
+                        by_column = torch.mul(s, 2.0, out=shifted[1, : s.numel()].view(s.shape))
+                        by_column.sub_(sq[i0 : i0 + xi.shape[0], None])
+                    columns = pool.submit(fold, by_column, i0, j0, True) if parallel else None
+                    fold(by_row, i0, j0, False)
+                    if columns is None:
+                        fold(by_column, i0, j0, True)
+                    else:
+                        columns.result()
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
@@ -477,7 +489,8 @@ def rerank_from_features(
         return out
 
     start = time.perf_counter()
-    v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
+    with serial_cpu_ops(x_t.device):  # small gathers and sums of feature pairs
+        v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
     logger.info("re-ranking: k-reciprocal encoding (%d non-zeros) in %.1f s", v.nnz, time.perf_counter() - start)
     return KReciprocalDistances(
         query_features=qf,
