@@ -281,8 +281,9 @@ def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, surviv
 
 
 def test_serial_cpu_ops_restores_the_thread_count():
-    """The small post-product operations run on one thread; the caller's setting comes back, also
-    after an error, and the metrics do not depend on it."""
+    """The small post-product operations run on one thread (with two, the halves of each chunk are
+    ranked at once); the caller's setting comes back, also after an error, and the metrics do not
+    depend on it."""
     from ccafl_hf.evaluation.distances import serial_cpu_ops
 
     before = torch.get_num_threads()
@@ -295,7 +296,10 @@ def test_serial_cpu_ops_restores_the_thread_count():
         with pytest.raises(RuntimeError), serial_cpu_ops(torch.device("cpu")):
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
-        two = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+        two = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)  # halves at once
+        distmat = pairwise_distance(qf, gf, "cosine").numpy()
+        assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams),
+                    slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -304,4 +308,4 @@ def test_serial_cpu_ops_restores_the_thread_count():
         one = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
     finally:
         torch.set_num_threads(before)
-    assert_same(two, one, atol=0)
+    assert_same(two, one)

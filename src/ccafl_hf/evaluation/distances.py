@@ -8,6 +8,7 @@ results agree to the bit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -143,6 +144,18 @@ def serial_cpu_ops(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def helper_thread(device: torch.device) -> Iterator[ThreadPoolExecutor | None]:
+    """A one-worker thread pool where work on ``device`` can run beside the main thread (the CPU with
+    more than one torch thread), else ``None``. Work split between the two must touch disjoint data
+    and run inside `serial_cpu_ops`, so that the two threads do not also split each operation."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield None
+        return
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
 _NUMPY_COMPARISONS = {"le": np.less_equal, "ge": np.greater_equal}
 
 
@@ -187,6 +200,7 @@ __all__ = [
     "compare",
     "count_nonzero",
     "flat_nonzero",
+    "helper_thread",
     "pairwise_distance",
     "prepare_features",
     "serial_cpu_ops",

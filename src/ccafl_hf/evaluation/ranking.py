@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from .distances import (
     compare,
     count_nonzero,
     flat_nonzero,
+    helper_thread,
     pairwise_distance,
     prepare_features,
     serial_cpu_ops,
@@ -236,6 +238,24 @@ def _ranks_by_row_search(dist: torch.Tensor, pos_d: torch.Tensor, pos_g: torch.T
     return ranks
 
 
+def _rank_chunk(
+    acc: _MetricAccumulator, dist: torch.Tensor, index: _GalleryIndex, pids: torch.Tensor, camids: torch.Tensor,
+    mask_buf: torch.Tensor, pool: Executor | None,
+) -> None:
+    """Add the ranks of a chunk of queries (``dist [B, G]``, their ``pids``/``camids [B]``) to
+    ``acc``; with a helper thread (`helper_thread`) the two halves of the chunk are ranked at once."""
+    b, g = dist.shape
+    with serial_cpu_ops(dist.device):
+        idx, positive, junk = index.lookup(pids, camids)
+        if pool is None or b < 2:
+            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+            return
+        h = b // 2
+        later = pool.submit(_positive_ranks, dist[h:], idx[h:], positive[h:], junk[h:], mask_buf[h * g :])
+        acc.add(*_positive_ranks(dist[:h], idx[:h], positive[:h], junk[:h], mask_buf[: h * g]))
+        acc.add(*later.result())
+
+
 class _MetricAccumulator:
     """Sums of AP, INP and first-match histograms over query chunks."""
 
@@ -339,12 +359,11 @@ def evaluate_rank(
     dist_buf = torch.empty(chunk * num_g, dtype=d.dtype, device=d.device)
     mask_buf = torch.empty(chunk * num_g, dtype=torch.bool, device=d.device)
     acc = _MetricAccumulator(max_rank, d.device)
-    for rows in queries.split(chunk):
-        dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
-        torch.index_select(d, 0, rows, out=dist)
-        with serial_cpu_ops(dist.device):
-            idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+    with helper_thread(d.device) as pool:
+        for rows in queries.split(chunk):
+            dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+            torch.index_select(d, 0, rows, out=dist)
+            _rank_chunk(acc, dist, index, q_pids_t[rows], q_cam_t[rows], mask_buf, pool)
     return acc.result(num_q)
 
 
@@ -402,15 +421,14 @@ def compute_reid_metrics(
     dist_buf = torch.empty(0 if rerank else chunk * num_g, dtype=dtype, device=qf.device)
     mask_buf = torch.empty(chunk * num_g, dtype=torch.bool, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
-    for rows in queries.split(chunk):
-        if reranker is None:
-            dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
-            pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
-        else:
-            dist = reranker.distances(rows).contiguous()
-        with serial_cpu_ops(dist.device):
-            idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+    with helper_thread(qf.device) as pool:
+        for rows in queries.split(chunk):
+            if reranker is None:
+                dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+                pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
+            else:
+                dist = reranker.distances(rows).contiguous()
+            _rank_chunk(acc, dist, index, q_pids_t[rows], q_cam_t[rows], mask_buf, pool)
     return acc.result(num_q)
 
 

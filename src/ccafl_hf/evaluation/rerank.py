@@ -33,8 +33,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +46,7 @@ from .distances import (
     check_metric,
     compare,
     flat_nonzero,
+    helper_thread,
     pairwise_distance,
     prepare_features,
     serial_cpu_ops,
@@ -401,8 +400,7 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
             kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
     # With several threads on the CPU, a block's row side and column side are folded at once, on
     # disjoint states (j0 > i0): the folds run single-threaded, the products on every thread.
-    parallel = device.type == "cpu" and torch.get_num_threads() > 1
-    with ThreadPoolExecutor(1) if parallel else nullcontext() as pool:
+    with helper_thread(device) as pool:
         for i0 in range(0, n, block):
             xi = x[i0 : i0 + block]
             for j0 in range(i0 + block, n, block):
@@ -416,7 +414,7 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
                         by_row.sub_(sq[None, j0 : j0 + xj.shape[0]])
                         by_column = torch.mul(s, 2.0, out=shifted[1, : s.numel()].view(s.shape))
                         by_column.sub_(sq[i0 : i0 + xi.shape[0], None])
-                    columns = pool.submit(fold, by_column, i0, j0, True) if parallel else None
+                    columns = None if pool is None else pool.submit(fold, by_column, i0, j0, True)
                     fold(by_row, i0, j0, False)
                     if columns is None:
                         fold(by_column, i0, j0, True)
