@@ -466,7 +466,7 @@ def rerank_from_features(
     start = time.perf_counter()
     neighbours, scale = _neighbours_and_farthest(x_t.to(device), width, metric)
     neighbours, scale = neighbours.cpu().numpy(), scale.cpu().numpy()
-    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.1f s",
+    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.2f s",
                 width, n, time.perf_counter() - start)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
@@ -489,7 +489,7 @@ def rerank_from_features(
     start = time.perf_counter()
     with serial_cpu_ops(x_t.device):  # small gathers and sums of feature pairs
         v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
-    logger.info("re-ranking: k-reciprocal encoding (%d non-zeros) in %.1f s", v.nnz, time.perf_counter() - start)
+    logger.info("re-ranking: k-reciprocal encoding (%d non-zeros) in %.2f s", v.nnz, time.perf_counter() - start)
     return KReciprocalDistances(
         query_features=qf,
         gallery_features=gf,
