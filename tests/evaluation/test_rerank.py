@@ -195,13 +195,15 @@ def slow_neighbours(x, k, metric):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("block", [4, 7, 1024])
+@pytest.mark.parametrize(("block", "wide"), [(4, 1), (4, 3), (7, 8), (1024, 8)])
 @pytest.mark.parametrize(("n", "k"), [(60, 9), (13, 21), (5, 5)])
-def test_one_pass_neighbours_match_full_sort(monkeypatch, metric, block, n, k):
+def test_one_pass_neighbours_match_full_sort(monkeypatch, metric, block, wide, n, k):
     """Exact neighbour lists with ties broken by index (duplicates, tied scores), the farthest
-    distance, whether the pair sits on a diagonal or an off-diagonal block, and k >= N."""
+    distance, whether the pair sits on a diagonal or an off-diagonal block (square or wide, with a
+    narrower last one), and k >= N."""
     monkeypatch.setattr(rerank_module, "_KNN_BLOCK", block)
-    x = _integer_features(n, seed=n + block)
+    monkeypatch.setattr(rerank_module, "_KNN_WIDE", wide)
+    x = _integer_features(n, seed=n + block + wide)
     x[n // 2] = x[0]  # an exact duplicate
     k = min(k, n)
     neighbours, farthest = rerank_module._neighbours_and_farthest(x, k, metric)

@@ -13,8 +13,10 @@ distances to the whole gallery are computed (one ``addmm``), same-camera same-id
 set to ``+inf`` and the few positive distances are sorted. Only gallery entries no farther than the
 query's last positive can come before any positive, so one comparison pass keeps those (about 1 %
 of a row on MSMT17-like data); each survivor is placed among its row's sorted positives by one
-``searchsorted`` over integer (row, distance-rank) keys, and a ``bincount`` of the placements,
-summed cumulatively, is each positive's rank.
+``searchsorted`` over integer (row, float32 distance) keys (a binary search for float64), and a
+``bincount`` of the placements, summed cumulatively, is each positive's rank. Chunks are small
+(~128 MB) so that the comparison finds the distances still in cache, and the small operations after
+each product run on one thread (with two, the chunk's halves at once).
 
 Ties are broken as a **stable** ascending sort of the row would: by gallery index. A survivor at the
 same distance as some positives (found by that search) comes before those with a larger gallery

@@ -17,9 +17,11 @@ each column of the ``N × N`` matrix divided by its maximum, then transposed):
 Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sparse (CSR) and only
 the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them, and
 ``max_r d(r, i)``, from one blocked pass over the upper triangle of the ``N × N`` products (each
-block serves its rows and, transposed, its columns; `_neighbours_and_farthest`), and produces the
-re-ranked query × gallery distances one chunk of queries at a time, with the Jaccard term only where
-``S`` is non-zero, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
+block serves its rows and, transposed, its columns, both sides at once when two CPU threads are
+available; `_neighbours_and_farthest`), and produces the re-ranked query × gallery distances one
+chunk of queries at a time, with the Jaccard term only where ``S`` is non-zero (summed by one
+``bincount`` per block of rows, no sort), so `compute_reid_metrics` ranks them without ever holding
+``Q × G``.
 
 Ties: both paths order neighbours by distance with ties by index (the dense path by a stable sort,
 the pass by (score, index) keys, computing each pair's product once, so ``i`` and ``j`` see the
@@ -62,6 +64,8 @@ _PAIR_BLOCK = 1 << 10
 _OVERLAP_SLOTS = 1 << 22
 # Side of the square blocks of the one-pass neighbour search.
 _KNN_BLOCK = 1024
+# Width of the off-diagonal blocks, in square blocks: fewer, longer products and folds.
+_KNN_WIDE = 8
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -342,8 +346,9 @@ def _merge_candidates(
 def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest neighbours and farthest squared distance of every row of ``x [N, D]``.
 
-    One pass over the upper triangle of the ``N × N`` score matrix in ``_KNN_BLOCK``-square blocks:
-    each block serves its rows and, transposed, its columns. Score (larger = nearer): the inner
+    One pass over the upper triangle of the ``N × N`` score matrix in blocks of ``_KNN_BLOCK`` rows
+    (square on the diagonal, ``_KNN_WIDE`` times as wide off it): each block serves its rows and,
+    transposed, its columns. Score (larger = nearer): the inner
     product for cosine (prepared features), ``2 x·y - ‖y‖²`` for Euclidean. A row keeps its ``k`` best
     (score, index) pairs, equal scores by smaller index (the item itself is among them); only entries
     at least as good as the row's current ``k``-th are merged. Returns ``(neighbours [N, k]`` int64,
@@ -359,9 +364,10 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
 
     block = _KNN_BLOCK
     side = min(block, n)
+    wide = min(block * _KNN_WIDE, n)
     # reused scratch (no fresh pages): one comparison mask, one shifted score per side of a block
-    masks = torch.empty(2, side * side, dtype=torch.bool, device=device)
-    shifted = torch.empty(2, side * side, dtype=x.dtype, device=device) if metric == "euclidean" else None
+    masks = torch.empty(2, side * wide, dtype=torch.bool, device=device)
+    shifted = torch.empty(2, side * wide, dtype=x.dtype, device=device) if metric == "euclidean" else None
 
     def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
         # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
@@ -385,7 +391,7 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
         touched = _merge_candidates(best, state, keys, rows_sorted=not transposed)
         kth[touched] = _key_scores(best[touched, k - 1])
 
-    buf = torch.empty(side * side, dtype=x.dtype, device=device)  # blocks are contiguous views of these
+    buf = torch.empty(side * wide, dtype=x.dtype, device=device)  # blocks are contiguous views of these
     # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
     # thresholds are tight before the off-diagonal blocks, where few entries pass them.
     for i0 in range(0, n, block):
@@ -403,8 +409,8 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     with helper_thread(device) as pool:
         for i0 in range(0, n, block):
             xi = x[i0 : i0 + block]
-            for j0 in range(i0 + block, n, block):
-                xj = x[j0 : j0 + block]
+            for j0 in range(i0 + block, n, block * _KNN_WIDE):
+                xj = x[j0 : j0 + block * _KNN_WIDE]
                 s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
                 with serial_cpu_ops(device):
                     if metric == "cosine":
