@@ -132,6 +132,7 @@ def serial_cpu_ops(device: torch.device) -> Iterator[None]:
     For the many small operations after each product (thresholds, candidate merges, ranks): split
     over threads they spend more time synchronising than computing, and far more when other
     processes share the cores; the products themselves keep every thread. No effect off the CPU.
+    torch keeps the count per Python thread, so other threads are unaffected.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
