@@ -60,8 +60,8 @@ logger = logging.getLogger(__name__)
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
 _PAIR_BLOCK = 1 << 10
-# Dense (query, gallery) slots per block when summing the Jaccard overlaps (float64: 32 MB).
-_OVERLAP_SLOTS = 1 << 22
+# Dense (query, gallery) slots per block when summing the Jaccard overlaps (float64: 4 MB, in cache).
+_OVERLAP_SLOTS = 1 << 19
 # Side of the square blocks of the one-pass neighbour search.
 _KNN_BLOCK = 1024
 # Width of the off-diagonal blocks, in square blocks: fewer, longer products and folds.
