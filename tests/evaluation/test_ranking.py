@@ -251,21 +251,25 @@ def test_counting_matches_full_sort_with_ties(monkeypatch, survivors, metric, nu
         expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
         assert len(np.unique(distmat)) < distmat.size  # tied distances
         assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank), expected)
+        # float64 distances: the binary search instead of the (row, float32) key search
+        assert_same(evaluate_rank(distmat.astype(np.float64), q_pids, g_pids, q_cams, g_cams, max_rank=max_rank),
+                    expected)
         for chunk in (None, 3):
             got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric,
                                        max_rank=max_rank, chunk_size=chunk)
             assert_same(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("survivors", ["sparse", "dense"])
-def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, survivors):
+def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, survivors, dtype):
     """Hand-made rows: a negative and a junk entry at exactly a positive's distance, before and after
     it in gallery order, and two positives at one distance."""
     q_pids, q_cams = np.array([1, 2]), np.array([0, 0])
     g_pids = np.array([3, 1, 1, 1, 0, 1, 2, 2])
     g_cams = np.array([1, 1, 0, 2, 1, 1, 1, 1])
     distmat = np.array([[0.5, 0.5, 0.5, 0.2, 0.5, 0.5, 0.9, 0.1],
-                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=np.float32)
+                        [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]], dtype=dtype)
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0 if survivors == "sparse" else -1.0)
     expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)
     got = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=8)
@@ -274,3 +278,34 @@ def test_counting_ties_between_a_positive_and_its_neighbours(monkeypatch, surviv
     ap1 = (1 / 2 + 2 / 4 + 3 / 6) / 3
     ap2 = (1 / 7 + 2 / 8) / 2  # query 2: all tied, its positives are the last two
     assert got["mAP"] == pytest.approx((ap1 + ap2) / 2, abs=1e-12)
+
+
+def test_serial_cpu_ops_restores_the_thread_count():
+    """The small post-product operations run on one thread (with two, the halves of each chunk are
+    ranked at once); the caller's setting comes back, also after an error, and the metrics do not
+    depend on it."""
+    from ccafl_hf.evaluation.distances import serial_cpu_ops
+
+    before = torch.get_num_threads()
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(seed=6)
+    try:
+        torch.set_num_threads(2)
+        with serial_cpu_ops(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), serial_cpu_ops(torch.device("cpu")):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        two = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)  # halves at once
+        distmat = pairwise_distance(qf, gf, "cosine").numpy()
+        assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams),
+                    slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        one = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, chunk_size=7)
+    finally:
+        torch.set_num_threads(before)
+    assert_same(two, one)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 from ccafl_hf.evaluation import (
     KReciprocalDistances,
@@ -194,13 +195,15 @@ def slow_neighbours(x, k, metric):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("block", [4, 7, 1024])
+@pytest.mark.parametrize(("block", "wide"), [(4, 1), (4, 3), (7, 8), (1024, 8)])
 @pytest.mark.parametrize(("n", "k"), [(60, 9), (13, 21), (5, 5)])
-def test_one_pass_neighbours_match_full_sort(monkeypatch, metric, block, n, k):
+def test_one_pass_neighbours_match_full_sort(monkeypatch, metric, block, wide, n, k):
     """Exact neighbour lists with ties broken by index (duplicates, tied scores), the farthest
-    distance, whether the pair sits on a diagonal or an off-diagonal block, and k >= N."""
+    distance, whether the pair sits on a diagonal or an off-diagonal block (square or wide, with a
+    narrower last one), and k >= N."""
     monkeypatch.setattr(rerank_module, "_KNN_BLOCK", block)
-    x = _integer_features(n, seed=n + block)
+    monkeypatch.setattr(rerank_module, "_KNN_WIDE", wide)
+    x = _integer_features(n, seed=n + block + wide)
     x[n // 2] = x[0]  # an exact duplicate
     k = min(k, n)
     neighbours, farthest = rerank_module._neighbours_and_farthest(x, k, metric)
@@ -259,3 +262,39 @@ def test_one_pass_on_gpu_if_available():
     on_cpu = compute_reid_metrics(qf, gf, *ids, rerank=True)
     on_gpu = compute_reid_metrics(qf.cuda(), gf.cuda(), *ids, rerank=True)
     assert on_gpu["mAP"] == pytest.approx(on_cpu["mAP"], abs=1e-6)
+
+
+@pytest.mark.parametrize("slots", [1, 7, 1 << 22])
+def test_overlap_entries_match_a_dense_sum(monkeypatch, slots):
+    """The Jaccard overlaps S[a, b] = Σ_j min(V[a, j], V'[j, b]) summed per block of rows (one row,
+    a few rows, all rows at once) equal a dense float64 sum, only where S is non-zero."""
+    monkeypatch.setattr(rerank_module, "_OVERLAP_SLOTS", slots)
+    rng = np.random.default_rng(slots)
+    dense_rows = np.where(rng.random((9, 30)) < 0.2, rng.random((9, 30)), 0.0).astype(np.float32)
+    dense_cols = np.where(rng.random((30, 11)) < 0.2, rng.random((30, 11)), 0.0).astype(np.float32)
+    dense_rows[4] = 0.0  # a row sharing nothing
+    keys, values = rerank_module._overlap_entries(sparse.csr_matrix(dense_rows), sparse.csr_matrix(dense_cols))
+    expected = np.minimum(dense_rows[:, :, None].astype(np.float64), dense_cols[None, :, :]).sum(1)
+    np.testing.assert_array_equal(keys, np.flatnonzero(expected))
+    np.testing.assert_allclose(values, expected.ravel()[keys].astype(np.float32), rtol=1e-6)
+    assert keys.dtype == np.int64 and values.dtype == np.float32
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_one_pass_with_several_threads_folds_both_sides_at_once(monkeypatch, metric):
+    """With more than one torch thread the row and column sides of a block are folded concurrently
+    (disjoint states): the same exact neighbours and farthest distances, and the caller's thread
+    count is back afterwards."""
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 7)
+    x = _integer_features(60, seed=11)
+    x[30] = x[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        neighbours, farthest = rerank_module._neighbours_and_farthest(x, 9, metric)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    expected, expected_far = slow_neighbours(x, 9, metric)
+    np.testing.assert_array_equal(neighbours.numpy(), expected)
+    np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-6)

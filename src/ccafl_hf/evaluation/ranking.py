@@ -13,8 +13,10 @@ distances to the whole gallery are computed (one ``addmm``), same-camera same-id
 set to ``+inf`` and the few positive distances are sorted. Only gallery entries no farther than the
 query's last positive can come before any positive, so one comparison pass keeps those (about 1 %
 of a row on MSMT17-like data); each survivor is placed among its row's sorted positives by one
-``searchsorted`` over integer (row, distance-rank) keys, and a ``bincount`` of the placements,
-summed cumulatively, is each positive's rank.
+``searchsorted`` over integer (row, float32 distance) keys (a binary search for float64), and a
+``bincount`` of the placements, summed cumulatively, is each positive's rank. Chunks are small
+(~128 MB) so that the comparison finds the distances still in cache, and the small operations after
+each product run on one thread (with two, the chunk's halves at once).
 
 Ties are broken as a **stable** ascending sort of the row would: by gallery index. A survivor at the
 same distance as some positives (found by that search) comes before those with a larger gallery
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -36,17 +39,21 @@ from .distances import (
     check_feature_pair,
     check_ids,
     check_metric,
+    compare,
     count_nonzero,
     flat_nonzero,
+    helper_thread,
     pairwise_distance,
     prepare_features,
+    serial_cpu_ops,
 )
 from .rerank import rerank_from_features
 
 logger = logging.getLogger(__name__)
 
-# Bytes of scratch per query chunk when chunk_size is None (distances + comparison mask, with room to spare).
-_CHUNK_BYTES = 512 * 2**20
+# Bytes of scratch per query chunk when chunk_size is None (distances + comparison mask): small enough
+# that the comparison pass after each product finds much of the chunk still in the last-level cache.
+_CHUNK_BYTES = 128 * 2**20
 # Above this fraction of surviving entries a chunk is ranked by one search of whole rows instead.
 _DENSE_SURVIVORS = 0.25
 
@@ -108,12 +115,14 @@ class _GalleryIndex:
 
 # ------------------------------------------------------------------------------------ the ranking kernel
 def _positive_ranks(
-    dist: torch.Tensor, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor
+    dist: torch.Tensor, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of each query's positives among its valid gallery entries.
 
     ``dist [B, G]`` (contiguous, finite; modified in place: junk entries become ``+inf``), ``index
-    [B, P]`` gallery indices with masks ``positive``/``junk [B, P]``.
+    [B, P]`` gallery indices with masks ``positive``/``junk [B, P]``; ``mask`` an optional reused
+    boolean scratch of ``B * G`` entries.
     Returns ``(ranks [B, P] int64 ascending, padded with G; num_positives [B])``; ties are broken by
     gallery index (stable-sort order).
     """
@@ -130,32 +139,62 @@ def _positive_ranks(
     valid = torch.arange(p, device=device)[None, :] < num_pos[:, None]
     # Survivors: entries no farther than the row's last positive (junk is +inf, never kept).
     last = pos_d.gather(1, (num_pos - 1).clamp_(min=0)[:, None]).masked_fill_(num_pos[:, None] == 0, -math.inf)
-    mask = torch.le(dist, last)
+    mask = torch.empty(b * g, dtype=torch.bool, device=device) if mask is None else mask[: b * g]
+    mask = compare(dist, last, "le", out=mask.view(b, g))
     if count_nonzero(mask) > _DENSE_SURVIVORS * b * g:  # features close to random: most entries survive
         return _ranks_by_row_search(dist, pos_d, pos_g, valid), num_pos
-    flat = flat_nonzero(mask)
-    rows = flat // g
-    values = dist.view(-1)[flat]
-    # slot: how many of the row's positives lie at or before the survivor (distance <=), by a
-    # branch-free binary search in the row's sorted positives (padding is +inf, never <=).
+    flat = flat_nonzero(mask).to(device)
+    rows = flat.div(g, rounding_mode="floor")
+    values = dist.view(-1).index_select(0, flat)
+    # place: the survivor's position in the flattened sorted positives, after every positive of its
+    # row at the same or a smaller distance (padding is +inf, never <=); tied: it equals the one before.
+    place, tied = _place_among_positives(pos_d, rows, values)
+    tied = (tied & (place > rows * p)).nonzero().squeeze(1)
+    if tied.numel():
+        # Equal distances: the survivor comes after the positives with a smaller or equal gallery index.
+        t_rows, t_cols = rows[tied], flat[tied] - rows[tied] * g
+        later = (pos_d[t_rows] == values[tied, None]) & (pos_g[t_rows] > t_cols[:, None]) & valid[t_rows]
+        place[tied] -= later.sum(1)
+    # rows * (p + 1) + slot, slot = place - rows * p: the survivor's bucket in its row
+    hist = torch.bincount(place.add_(rows), minlength=b * (p + 1)).view(b, p + 1)
+    ranks = hist.cumsum(1)[:, :p].masked_fill_(~valid, g)  # #entries before positive k
+    return ranks, num_pos
+
+
+def _place_among_positives(
+    pos_d: torch.Tensor, rows: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For survivors ``values [M]`` of rows ``rows [M]`` (ascending) and the rows' ascending positive
+    distances ``pos_d [B, P]``: ``place [M]`` = ``rows * P`` + the number of the row's positives
+    ``<=`` the value, and whether the positive just before that place equals the value (``[M]``
+    bool; meaningless where no positive is ``<=``).
+
+    float32: one ``searchsorted`` over integer (row, distance) keys; float64 distances do not fit
+    such a key, so a branch-free binary search in each row's positives.
+    """
+    b, p = pos_d.shape
     flat_pos = pos_d.view(-1)
+    if pos_d.dtype == torch.float32:
+        row_of = torch.arange(b, device=pos_d.device).repeat_interleave(p)
+        pos_keys = _distance_keys(flat_pos, row_of)
+        keys = _distance_keys(values, rows)
+        place = torch.searchsorted(pos_keys, keys, right=True)
+        return place, pos_keys.index_select(0, (place - 1).clamp_(min=0)) == keys
     base = rows * p
     slot = torch.zeros_like(rows)
     step = 1 << (p.bit_length() - 1)
     while step:
         probe = (slot + step).clamp_(max=p)
-        slot += (probe - slot) * (flat_pos[base + probe - 1] <= values)
+        slot += (probe - slot) * (flat_pos.index_select(0, base + probe - 1) <= values)
         step >>= 1
-    prev = pos_d[rows, (slot - 1).clamp_(min=0)]
-    tied = ((slot > 0) & (prev == values)).nonzero().squeeze(1)
-    if tied.numel():
-        # Equal distances: the survivor comes after the positives with a smaller or equal gallery index.
-        t_rows, t_cols = rows[tied], flat[tied] - rows[tied] * g
-        later = (pos_d[t_rows] == values[tied, None]) & (pos_g[t_rows] > t_cols[:, None]) & valid[t_rows]
-        slot[tied] -= later.sum(1)
-    hist = torch.bincount(rows * (p + 1) + slot, minlength=b * (p + 1)).view(b, p + 1)
-    ranks = hist.cumsum(1)[:, :p].masked_fill_(~valid, g)  # #entries before positive k
-    return ranks, num_pos
+    place = base.add_(slot)
+    return place, flat_pos.index_select(0, (place - 1).clamp_(min=0)) == values
+
+
+def _distance_keys(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as (row, float32 value), equal exactly for equal values of a row."""
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 and +0.0 are one value
+    return (rows << 32) + torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def _ranks_by_row_search(dist: torch.Tensor, pos_d: torch.Tensor, pos_g: torch.Tensor, valid: torch.Tensor):
@@ -199,6 +238,24 @@ def _ranks_by_row_search(dist: torch.Tensor, pos_d: torch.Tensor, pos_g: torch.T
         extra = torch.zeros(rows.numel(), p, dtype=ranks.dtype, device=device).index_add_(0, t, before.to(ranks.dtype))
         ranks[rows] = torch.sort(ranks[rows] + extra, dim=1).values
     return ranks
+
+
+def _rank_chunk(
+    acc: _MetricAccumulator, dist: torch.Tensor, index: _GalleryIndex, pids: torch.Tensor, camids: torch.Tensor,
+    mask_buf: torch.Tensor, pool: Executor | None,
+) -> None:
+    """Add the ranks of a chunk of queries (``dist [B, G]``, their ``pids``/``camids [B]``) to
+    ``acc``; with a helper thread (`helper_thread`) the two halves of the chunk are ranked at once."""
+    b, g = dist.shape
+    with serial_cpu_ops(dist.device):
+        idx, positive, junk = index.lookup(pids, camids)
+        if pool is None or b < 2:
+            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
+            return
+        h = b // 2
+        later = pool.submit(_positive_ranks, dist[h:], idx[h:], positive[h:], junk[h:], mask_buf[h * g :])
+        acc.add(*_positive_ranks(dist[:h], idx[:h], positive[:h], junk[:h], mask_buf[: h * g]))
+        acc.add(*later.result())
 
 
 class _MetricAccumulator:
@@ -257,7 +314,7 @@ def _select_valid_queries(index: _GalleryIndex, num_queries: int) -> torch.Tenso
 
 
 def _auto_chunk(num_gallery: int, dist_bytes: int) -> int:
-    return max(1, _CHUNK_BYTES // (num_gallery * (dist_bytes + 4)))
+    return max(1, _CHUNK_BYTES // (num_gallery * (dist_bytes + 1)))
 
 
 def _check_ids_all(q_pids, g_pids, q_camids, g_camids, num_q: int, num_g: int, q_name: str, g_name: str, device):
@@ -302,12 +359,13 @@ def evaluate_rank(
     queries = _select_valid_queries(index, num_q)
     chunk = min(_auto_chunk(num_g, d.element_size()), queries.numel())
     dist_buf = torch.empty(chunk * num_g, dtype=d.dtype, device=d.device)
+    mask_buf = torch.empty(chunk * num_g, dtype=torch.bool, device=d.device)
     acc = _MetricAccumulator(max_rank, d.device)
-    for rows in queries.split(chunk):
-        dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
-        torch.index_select(d, 0, rows, out=dist)
-        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk))
+    with helper_thread(d.device) as pool:
+        for rows in queries.split(chunk):
+            dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+            torch.index_select(d, 0, rows, out=dist)
+            _rank_chunk(acc, dist, index, q_pids_t[rows], q_cam_t[rows], mask_buf, pool)
     return acc.result(num_q)
 
 
@@ -333,7 +391,7 @@ def compute_reid_metrics(
     features' device, so on the GPU when they are there); ids as in `evaluate_rank`. ``metric``:
     ``"cosine"`` (rows L2-normalised, distance ``1 - cos``) or ``"euclidean"``. With ``rerank`` the
     distances are k-reciprocal re-ranked (`rerank_from_features`, parameters ``k1, k2,
-    lambda_value``). Queries are processed ``chunk_size`` at a time (default: ~512 MB of scratch).
+    lambda_value``). Queries are processed ``chunk_size`` at a time (default: ~128 MB of scratch).
 
     Returns the same dict as `evaluate_rank` on the dense distance matrix
     ``pairwise_distance(query_features, gallery_features, metric)`` (or its re-ranked version).
@@ -363,15 +421,16 @@ def compute_reid_metrics(
     chunk = chunk_size or _auto_chunk(num_g, 16 if rerank else qf.element_size())
     chunk = min(chunk, queries.numel())
     dist_buf = torch.empty(0 if rerank else chunk * num_g, dtype=dtype, device=qf.device)
+    mask_buf = torch.empty(chunk * num_g, dtype=torch.bool, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
-    for rows in queries.split(chunk):
-        if reranker is None:
-            dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
-            pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
-        else:
-            dist = reranker.distances(rows).contiguous()
-        idx, positive, junk = index.lookup(q_pids_t[rows], q_cam_t[rows])
-        acc.add(*_positive_ranks(dist, idx, positive, junk))
+    with helper_thread(qf.device) as pool:
+        for rows in queries.split(chunk):
+            if reranker is None:
+                dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
+                pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
+            else:
+                dist = reranker.distances(rows).contiguous()
+            _rank_chunk(acc, dist, index, q_pids_t[rows], q_cam_t[rows], mask_buf, pool)
     return acc.result(num_q)
 
 

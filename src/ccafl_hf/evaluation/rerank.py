@@ -17,9 +17,11 @@ each column of the ``N × N`` matrix divided by its maximum, then transposed):
 Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sparse (CSR) and only
 the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them, and
 ``max_r d(r, i)``, from one blocked pass over the upper triangle of the ``N × N`` products (each
-block serves its rows and, transposed, its columns; `_neighbours_and_farthest`), and produces the
-re-ranked query × gallery distances one chunk of queries at a time, with the Jaccard term only where
-``S`` is non-zero, so `compute_reid_metrics` ranks them without ever holding ``Q × G``.
+block serves its rows and, transposed, its columns, both sides at once when two CPU threads are
+available; `_neighbours_and_farthest`), and produces the re-ranked query × gallery distances one
+chunk of queries at a time, with the Jaccard term only where ``S`` is non-zero (summed by one
+``bincount`` per block of rows, no sort), so `compute_reid_metrics` ranks them without ever holding
+``Q × G``.
 
 Ties: both paths order neighbours by distance with ties by index (the dense path by a stable sort,
 the pass by (score, index) keys, computing each pair's product once, so ``i`` and ``j`` see the
@@ -44,9 +46,12 @@ from .distances import (
     DistanceMetric,
     check_feature_pair,
     check_metric,
+    compare,
     flat_nonzero,
+    helper_thread,
     pairwise_distance,
     prepare_features,
+    serial_cpu_ops,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,11 +59,13 @@ logger = logging.getLogger(__name__)
 # Rows of the neighbour structure processed per block while building the expanded sets.
 _ROW_BLOCK = 8192
 # Feature pairs per block when computing distances of sparse (row, column) pairs.
-_PAIR_BLOCK = 1 << 12
-# Target number of (query, shared column, gallery) triples per Jaccard block.
-_TRIPLE_BLOCK = 1 << 23
+_PAIR_BLOCK = 1 << 10
+# Dense (query, gallery) slots per block when summing the Jaccard overlaps (float64: 4 MB, in cache).
+_OVERLAP_SLOTS = 1 << 19
 # Side of the square blocks of the one-pass neighbour search.
 _KNN_BLOCK = 1024
+# Width of the off-diagonal blocks, in square blocks: fewer, longer products and folds.
+_KNN_WIDE = 8
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -83,7 +90,7 @@ def _ragged(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
     counts = counts.astype(np.int64, copy=False)
     seg = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
     first = np.cumsum(counts) - counts
-    pos = np.arange(seg.size, dtype=np.int64) - first[seg] + starts.astype(np.int64, copy=False)[seg]
+    pos = np.arange(seg.size, dtype=np.int64) + np.repeat(starts.astype(np.int64, copy=False) - first, counts)
     return seg, pos
 
 
@@ -166,29 +173,29 @@ def _overlap_entries(v_rows: sparse.csr_matrix, v_cols_t: sparse.csr_matrix) -> 
 
     ``v_rows [A, N]`` (CSR), ``v_cols_t [N, B]`` (CSR of the transposed column-side encoding). Returns
     ``(keys, values)``: flat positions ``a * B + b`` (int64, ascending, unique) and ``S`` there
-    (float32, summed in float64 in (a, j) order). Work is proportional to the number of (row, shared
-    column, column-side entry) triples, never to ``A × B``.
+    (float32, summed in float64 in (a, j) order). The (row, shared column, column-side entry) triples
+    of a block of rows are summed by one ``bincount`` into the block's dense ``[rows, B]`` slots, no
+    sort; the work is proportional to the triples plus ``A × B`` zeroed slots.
     """
-    b_num = v_cols_t.shape[1]
+    a_num, b_num = v_rows.shape[0], v_cols_t.shape[1]
     key_parts, value_parts = [], []
     nnz_per_row = np.diff(v_rows.indptr)
     col_count = np.diff(v_cols_t.indptr)
-    cum = np.concatenate(([0], np.cumsum(col_count[v_rows.indices])))
-    triples = cum[v_rows.indptr[1:]] - cum[v_rows.indptr[:-1]]  # [A]
-    block_of_row = (np.cumsum(triples) - triples) // _TRIPLE_BLOCK
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(block_of_row)) + 1, [v_rows.shape[0]]))
-    for lo, hi in zip(starts[:-1], starts[1:]):
+    step = max(1, _OVERLAP_SLOTS // max(b_num, 1))
+    for lo in range(0, a_num, step):
+        hi = min(lo + step, a_num)
         e_lo, e_hi = v_rows.indptr[lo], v_rows.indptr[hi]
         cols, vals = v_rows.indices[e_lo:e_hi], v_rows.data[e_lo:e_hi]
-        row = np.repeat(np.arange(lo, hi, dtype=np.int64), nnz_per_row[lo:hi])
-        seg, pos = _ragged(v_cols_t.indptr[cols], col_count[cols])
-        keys = row[seg] * b_num + v_cols_t.indices[pos]
-        order = np.argsort(keys, kind="stable")  # a key's triples keep their order: same float64 sums
-        keys = keys[order]
-        first = np.concatenate(([True], keys[1:] != keys[:-1]))
-        shared = np.minimum(vals[seg[order]], v_cols_t.data[pos[order]])
-        key_parts.append(keys[first])
-        value_parts.append(np.bincount(np.cumsum(first) - 1, weights=shared).astype(np.float32))
+        row = np.repeat(np.arange(hi - lo, dtype=np.int64) * b_num, nnz_per_row[lo:hi])
+        counts = col_count[cols]
+        _, pos = _ragged(v_cols_t.indptr[cols], counts)
+        shared = np.minimum(np.repeat(vals, counts), v_cols_t.data[pos])
+        # bincount adds each slot's triples in (a, j) order, as the reference's row sums do
+        slots = np.repeat(row, counts) + v_cols_t.indices[pos]
+        total = np.bincount(slots, weights=shared, minlength=(hi - lo) * b_num)
+        keys = np.flatnonzero(total != 0)  # via a boolean mask: several times faster than on float64
+        key_parts.append(keys + lo * b_num)
+        value_parts.append(total[keys].astype(np.float32))
     if not key_parts:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate(key_parts), np.concatenate(value_parts)
@@ -316,13 +323,16 @@ def _key_scores(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32).view(torch.float32)
 
 
-def _merge_candidates(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+def _merge_candidates(
+    best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, rows_sorted: bool = False
+) -> torch.Tensor | None:
     """Fold candidate ``keys`` of state ``rows`` into ``best [N, k]`` (keys, descending); returns the
-    updated rows (or None)."""
+    updated rows (or None). ``rows_sorted``: ``rows`` already ascending (no sort needed)."""
     if rows.numel() == 0:
         return None
-    order = torch.argsort(rows, stable=True)
-    rows, keys = rows[order], keys[order]
+    if not rows_sorted:
+        order = torch.argsort(rows, stable=True)
+        rows, keys = rows[order], keys[order]
     touched, counts = torch.unique_consecutive(rows, return_counts=True)
     seg = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
     pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[seg]
@@ -336,8 +346,9 @@ def _merge_candidates(best: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor
 def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k`` nearest neighbours and farthest squared distance of every row of ``x [N, D]``.
 
-    One pass over the upper triangle of the ``N × N`` score matrix in ``_KNN_BLOCK``-square blocks:
-    each block serves its rows and, transposed, its columns. Score (larger = nearer): the inner
+    One pass over the upper triangle of the ``N × N`` score matrix in blocks of ``_KNN_BLOCK`` rows
+    (square on the diagonal, ``_KNN_WIDE`` times as wide off it): each block serves its rows and,
+    transposed, its columns. Score (larger = nearer): the inner
     product for cosine (prepared features), ``2 x·y - ‖y‖²`` for Euclidean. A row keeps its ``k`` best
     (score, index) pairs, equal scores by smaller index (the item itself is among them); only entries
     at least as good as the row's current ``k``-th are merged. Returns ``(neighbours [N, k]`` int64,
@@ -351,48 +362,70 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     kth = torch.full((n,), -math.inf, device=device)  # score of each row's current k-th neighbour
     lowest = torch.full((n,), math.inf, device=device)  # smallest score of each row: the farthest item
 
+    block = _KNN_BLOCK
+    side = min(block, n)
+    wide = min(block * _KNN_WIDE, n)
+    # reused scratch (no fresh pages): one comparison mask, one shifted score per side of a block
+    masks = torch.empty(2, side * wide, dtype=torch.bool, device=device)
+    shifted = torch.empty(2, side * wide, dtype=x.dtype, device=device) if metric == "euclidean" else None
+
     def fold(score: torch.Tensor, rows0: int, cols0: int, transposed: bool) -> None:
         # score [rows, cols] of state rows rows0 + i against items cols0 + j (or the transpose)
+        nr, nc = score.shape
         if transposed:
-            lowest[cols0 : cols0 + score.shape[1]] = torch.minimum(lowest[cols0 : cols0 + score.shape[1]],
-                                                                   score.amin(0))
-            flat = flat_nonzero(torch.ge(score, kth[None, cols0 : cols0 + score.shape[1]]))
-            r, c = flat // score.shape[1], flat % score.shape[1]
-            state, item = c + cols0, r + rows0
+            states = slice(cols0, cols0 + nc)
+            lowest[states] = torch.minimum(lowest[states], score.amin(0))
+            bound = kth[None, states]
         else:
-            lowest[rows0 : rows0 + score.shape[0]] = torch.minimum(lowest[rows0 : rows0 + score.shape[0]],
-                                                                   score.amin(1))
-            flat = flat_nonzero(torch.ge(score, kth[rows0 : rows0 + score.shape[0], None]))
-            r, c = flat // score.shape[1], flat % score.shape[1]
-            state, item = r + rows0, c + cols0
-        touched = _merge_candidates(best, state, _score_keys(score[r, c], item))
-        if touched is not None:
-            kth[touched] = _key_scores(best[touched, k - 1])
+            states = slice(rows0, rows0 + nr)
+            lowest[states] = torch.minimum(lowest[states], score.amin(1))
+            bound = kth[states, None]
+        mask = compare(score, bound, "ge", out=masks[int(transposed), : nr * nc].view(nr, nc))
+        flat = flat_nonzero(mask).to(device)
+        if flat.numel() == 0:
+            return
+        r = flat.div(nc, rounding_mode="floor")
+        c = flat - r * nc
+        state, item = (c + cols0, r + rows0) if transposed else (r + rows0, c + cols0)
+        keys = _score_keys(score.view(-1).index_select(0, flat), item)
+        touched = _merge_candidates(best, state, keys, rows_sorted=not transposed)
+        kth[touched] = _key_scores(best[touched, k - 1])
 
-    block = _KNN_BLOCK
-    buf = torch.empty(min(block, n), min(block, n), dtype=x.dtype, device=device)
+    buf = torch.empty(side * wide, dtype=x.dtype, device=device)  # blocks are contiguous views of these
     # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
     # thresholds are tight before the off-diagonal blocks, where few entries pass them.
     for i0 in range(0, n, block):
         xi = x[i0 : i0 + block]
-        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0], : xi.shape[0]])
-        score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
-        lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
-        item = torch.arange(i0, i0 + xi.shape[0], device=device)
-        keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
-        best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
-        kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
-    for i0 in range(0, n, block):
-        xi = x[i0 : i0 + block]
-        for j0 in range(i0 + block, n, block):
-            xj = x[j0 : j0 + block]
-            s = torch.mm(xi, xj.T, out=buf[: xi.shape[0], : xj.shape[0]])
-            if metric == "cosine":
-                fold(s, i0, j0, False)
-                fold(s, i0, j0, True)
-            else:
-                fold(2.0 * s - sq[None, j0 : j0 + xj.shape[0]], i0, j0, False)
-                fold(2.0 * s - sq[i0 : i0 + xi.shape[0], None], i0, j0, True)
+        s = torch.mm(xi, xi.T, out=buf[: xi.shape[0] ** 2].view(xi.shape[0], xi.shape[0]))
+        with serial_cpu_ops(device):
+            score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
+            lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
+            item = torch.arange(i0, i0 + xi.shape[0], device=device)
+            keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
+            best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
+            kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
+    # With several threads on the CPU, a block's row side and column side are folded at once, on
+    # disjoint states (j0 > i0): the folds run single-threaded, the products on every thread.
+    with helper_thread(device) as pool:
+        for i0 in range(0, n, block):
+            xi = x[i0 : i0 + block]
+            for j0 in range(i0 + block, n, block * _KNN_WIDE):
+                xj = x[j0 : j0 + block * _KNN_WIDE]
+                s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
+                with serial_cpu_ops(device):
+                    if metric == "cosine":
+                        by_row = by_column = s
+                    else:  # 2 x·y - ‖y‖² (‖x‖² for the columns), the same float32 operations as on the diagonal
+                        by_row = torch.mul(s, 2.0, out=shifted[0, : s.numel()].view(s.shape))
+                        by_row.sub_(sq[None, j0 : j0 + xj.shape[0]])
+                        by_column = torch.mul(s, 2.0, out=shifted[1, : s.numel()].view(s.shape))
+                        by_column.sub_(sq[i0 : i0 + xi.shape[0], None])
+                    columns = None if pool is None else pool.submit(fold, by_column, i0, j0, True)
+                    fold(by_row, i0, j0, False)
+                    if columns is None:
+                        fold(by_column, i0, j0, True)
+                    else:
+                        columns.result()
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
@@ -439,7 +472,7 @@ def rerank_from_features(
     start = time.perf_counter()
     neighbours, scale = _neighbours_and_farthest(x_t.to(device), width, metric)
     neighbours, scale = neighbours.cpu().numpy(), scale.cpu().numpy()
-    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.1f s",
+    logger.info("re-ranking: exact %d-NN and farthest neighbours of %d items (one pass) in %.2f s",
                 width, n, time.perf_counter() - start)
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     sq = x_t.pow(2).sum(1) if metric == "euclidean" else None
@@ -460,8 +493,9 @@ def rerank_from_features(
         return out
 
     start = time.perf_counter()
-    v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
-    logger.info("re-ranking: k-reciprocal encoding (%d non-zeros) in %.1f s", v.nnz, time.perf_counter() - start)
+    with serial_cpu_ops(x_t.device):  # small gathers and sums of feature pairs
+        v = _encode(neighbours.astype(np.int64), k1, k2, pair_distance)
+    logger.info("re-ranking: k-reciprocal encoding (%d non-zeros) in %.2f s", v.nnz, time.perf_counter() - start)
     return KReciprocalDistances(
         query_features=qf,
         gallery_features=gf,
