@@ -420,7 +420,7 @@ def compute_reid_metrics(
     # re-ranking: float32 distances, overlap and float64 accumulation scratch per chunk
     chunk = chunk_size or _auto_chunk(num_g, 16 if rerank else qf.element_size())
     chunk = min(chunk, queries.numel())
-    dist_buf = torch.empty(0 if rerank else chunk * num_g, dtype=dtype, device=qf.device)
+    dist_buf = torch.empty(chunk * num_g, dtype=torch.float32 if rerank else dtype, device=qf.device)
     mask_buf = torch.empty(chunk * num_g, dtype=torch.bool, device=qf.device)
     acc = _MetricAccumulator(max_rank, qf.device)
     with helper_thread(qf.device) as pool:
@@ -429,7 +429,7 @@ def compute_reid_metrics(
                 dist = dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g)
                 pairwise_distance(qf[rows], gf, metric, prepared=True, y_sq_norms=g_sq, out=dist)
             else:
-                dist = reranker.distances(rows).contiguous()
+                dist = reranker._distances(rows, out=dist_buf[: rows.numel() * num_g].view(rows.numel(), num_g))
             _rank_chunk(acc, dist, index, q_pids_t[rows], q_cam_t[rows], mask_buf, pool)
     return acc.result(num_q)
 

@@ -291,13 +291,20 @@ class KReciprocalDistances:
 
     def distances(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
         """Re-ranked distances ``[B, G]`` (float32) of the queries ``rows`` (indices or a slice)."""
+        return self._distances(rows)
+
+    def _distances(self, rows: torch.Tensor | np.ndarray | slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`distances`, written into ``out`` (``[B, G]`` float32, contiguous) when given: a buffer reused
+        from chunk to chunk costs no fresh pages."""
         if isinstance(rows, slice):
             rows = torch.arange(self.shape[0])[rows]
         rows_t = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
         rows_np = rows_t.cpu().numpy()
         device = self.query_features.device
         q = self.query_features[rows_t.to(device)]
-        d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True).to(torch.float32)
+        if self.query_features.dtype != torch.float32:
+            out = None  # the product runs in the features' dtype, then becomes float32
+        d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True, out=out).to(torch.float32)
         original = d.pow_(2).div_(self.query_scale.to(device)[rows_t.to(device), None])
         keys, overlap = _overlap_entries(self.query_encoding[rows_np], self.gallery_encoding_t)
         return _rerank_block(original, keys, overlap, self.lambda_value)
