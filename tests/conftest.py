@@ -30,6 +30,18 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def saved_tiny(tmp_path_factory):
+    """A tiny random CCAFL model and its processor saved in a folder (seed 0)."""
+    from ccafl_hf import create_tiny_model
+
+    model, processor = create_tiny_model(seed=0)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def small_synthetic(tmp_path_factory):
     """A small synthetic multi-camera dataset (DatasetDict) and its summary."""
     from ccafl_hf.data import dataset_summary, load_reid_dataset

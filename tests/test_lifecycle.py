@@ -182,15 +182,21 @@ def test_overwrite_meeting_a_corrupt_image_keeps_the_old_run_byte_identical(trai
 
 
 # ------------------------------------------------------------------------------ 7. full disk, one line
-def test_full_disk_while_writing_the_model_is_one_line(trained, tmp_path, monkeypatch, capsys):
-    """safetensors' own error on a full disk: one line naming the folder and the bytes, no temporary files."""
-    from safetensors import SafetensorError
-
+def _finished_run_without_model(trained, tmp_path, monkeypatch) -> Path:
+    """A copy of the shared finished run whose final model was deleted: the next run writes it again."""
     reference, cache = trained
     monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
     (out / "model.safetensors").unlink()
+    return out
+
+
+def test_full_disk_while_writing_the_model_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    """safetensors' own error on a full disk: one line naming the folder and the bytes, no temporary files."""
+    from safetensors import SafetensorError
+
+    out = _finished_run_without_model(trained, tmp_path, monkeypatch)
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -206,11 +212,7 @@ def test_full_disk_while_writing_the_model_is_one_line(trained, tmp_path, monkey
 def test_too_little_free_space_is_refused_before_writing(trained, tmp_path, monkeypatch, capsys):
     import collections
 
-    reference, cache = trained
-    monkeypatch.setenv("CCAFL_HF_CACHE", str(cache))
-    out = tmp_path / "copy"
-    shutil.copytree(reference, out)
-    (out / "model.safetensors").unlink()
+    out = _finished_run_without_model(trained, tmp_path, monkeypatch)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr("ccafl_hf.pipeline.manifest.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert train_main(["--output_dir", str(out), *SMALL_RUN]) == 2

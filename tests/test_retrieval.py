@@ -192,17 +192,6 @@ def test_load_reid_model_errors(tmp_path):
         load_reid_model("some-org/ccafl-model-that-is-not-cached")
 
 
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    from ccafl_hf import create_tiny_model
-
-    model, processor = create_tiny_model(seed=0)
-    folder = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def test_retrieval_cli_embed_index_search(image_folders, saved_tiny, tmp_path, capsys):
     gallery_dir, query_dir, picked = image_folders
     gallery_file, index_file = tmp_path / "g.safetensors", tmp_path / "g.faiss"

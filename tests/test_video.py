@@ -4,6 +4,7 @@ from the method), ``retrieval.py link`` on the synthetic scene, and the main job
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -22,17 +23,6 @@ SCENE = SyntheticSceneConfig(num_people=8, seed=1)
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     return generate_synthetic_scene(tmp_path_factory.mktemp("scene") / "s", SCENE)
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    from ccafl_hf import create_tiny_model
-
-    model, processor = create_tiny_model(seed=0)
-    folder = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 # ---------------------------------------------------------------------------------- embed_detections
@@ -201,12 +191,7 @@ def test_retrieval_link_writes_mot_files_and_f1(scene, saved_tiny, tmp_path, cap
 
 def test_retrieval_link_bad_tracks_is_one_line_before_the_model(scene, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
-    broken = tmp_path / "broken"
-    for path in scene.rglob("*"):
-        if path.is_file():
-            target = broken / path.relative_to(scene)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+    broken = shutil.copytree(scene, tmp_path / "broken")
     gt = broken / "cam2" / "gt" / "gt.txt"
     gt.write_text(gt.read_text() + "5,1,3,4\n")
     code = retrieval_main(["link", "--model", str(tmp_path / "no-model"), "--data_dir", str(broken),
@@ -241,12 +226,7 @@ def test_main_job_trains_from_dataset_mot(scene, tmp_path, monkeypatch):
 ])
 def test_main_job_bad_mot_input_is_one_line(options, message, scene, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CCAFL_HF_CACHE", str(tmp_path / "cache"))
-    broken = tmp_path / "broken"
-    for path in scene.rglob("*"):
-        if path.is_file():
-            target = broken / path.relative_to(scene)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+    broken = shutil.copytree(scene, tmp_path / "broken")
     gt = broken / "cam1" / "gt" / "gt.txt"
     gt.write_text(gt.read_text() + "99,1,3,4,10,20\n")
     code = train_main(["--output_dir", str(tmp_path / "run"), "--model_name_or_path", "tiny", "--dataset", "mot",

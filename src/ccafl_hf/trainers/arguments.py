@@ -41,9 +41,11 @@ REPLACED_TRAINER_FLAGS = {
     "adam_beta1": "--optimizer {adam,sgd} (Adam with the reference betas 0.9, 0.999)",
     "adam_beta2": "--optimizer {adam,sgd} (Adam with the reference betas 0.9, 0.999)",
     "adam_epsilon": "--optimizer {adam,sgd} (Adam with the reference epsilon 1e-8)",
-    "eval_strategy": "--eval_every_epochs N (the run evaluates at each stage's end and every N loop epochs)",
-    "eval_steps": "--eval_every_epochs N (the run evaluates at each stage's end and every N loop epochs)",
 }
+# the run evaluates at each stage's end and every --eval_every_epochs loop epochs, never on a step schedule
+REPLACED_TRAINER_FLAGS.update(dict.fromkeys(
+    ("eval_strategy", "eval_steps"), "--eval_every_epochs N (the run evaluates at each stage's end and every N loop epochs)"
+))
 
 
 @dataclass
