@@ -7,6 +7,7 @@ results agree to the bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -125,6 +126,53 @@ def pairwise_distance(
     return d.add_(x.pow(2).sum(1)[:, None]).clamp_(min=0.0).sqrt_()
 
 
+# Feature pairs per piece when bounding pair distances (gathered rows: a few MB).
+_BOUND_PAIRS = 1 << 13
+
+
+def pair_distance_bounds(
+    x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric: str,
+    x_sq_norms: torch.Tensor, y_sq_norms: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds ``(low, high)`` ``[M]`` (float64) on what `pairwise_distance` returns for the pairs of rows
+    ``x[rows[m]]``, ``y[cols[m]]`` (prepared features ``x [A, D]``, ``y [B, D]``; ``rows``, ``cols``
+    int64 ``[M]``), whatever the summation order of its product. ``x_sq_norms [A]``, ``y_sq_norms
+    [B]``: the rows' squared norms (any float dtype).
+
+    A length-``D`` float sum is within ``(D + 2)·eps/2·Σ|xᵢyᵢ| <= (D + 2)·eps/2·‖x‖‖y‖`` of the exact
+    value in any order (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1), both for
+    the product's kernel and for the elementwise sum here; the margin is twice both together.
+    """
+    m = rows.numel()
+    eps = torch.finfo(x.dtype).eps
+    gamma = 2.0 * (x.shape[1] + 4) * eps
+    low = torch.empty(m, dtype=torch.float64, device=x.device)
+    high = torch.empty(m, dtype=torch.float64, device=x.device)
+    for lo in range(0, m, _BOUND_PAIRS):
+        r, c = rows[lo : lo + _BOUND_PAIRS], cols[lo : lo + _BOUND_PAIRS]
+        dot = torch.linalg.vecdot(x.index_select(0, r), y.index_select(0, c)).double()
+        a_sq, b_sq = x_sq_norms.index_select(0, r).double(), y_sq_norms.index_select(0, c).double()
+        part = slice(lo, lo + r.numel())
+        if metric == "cosine":
+            d = 1.0 - dot
+            err = gamma * (1.0 + (a_sq * b_sq).sqrt())
+            low[part], high[part] = d - err, d + err
+        else:  # sqrt(‖x‖² + ‖y‖² - 2 x·y): the error of the squared distance, then the square root's
+            d_sq = a_sq + b_sq - 2.0 * dot
+            err = gamma * (a_sq.sqrt() + b_sq.sqrt()).square()
+            low[part] = (d_sq - err).clamp_(min=0.0).sqrt_() * (1.0 - 2.0 * eps)
+            high[part] = (d_sq + err).clamp_(min=0.0).sqrt_() * (1.0 + 2.0 * eps) + eps
+    return low, high
+
+
+def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (float64) in ``dtype``, rounded towards ``+inf``: never below ``x``."""
+    y = x.to(dtype)
+    if dtype == torch.float64:
+        return y
+    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
 @contextmanager
 def serial_cpu_ops(device: torch.device) -> Iterator[None]:
     """Run the enclosed torch CPU operations on one intra-op thread, then restore the thread count.
@@ -202,7 +250,9 @@ __all__ = [
     "count_nonzero",
     "flat_nonzero",
     "helper_thread",
+    "pair_distance_bounds",
     "pairwise_distance",
     "prepare_features",
+    "round_up",
     "serial_cpu_ops",
 ]

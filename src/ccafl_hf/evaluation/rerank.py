@@ -36,6 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from .distances import (
     compare,
     flat_nonzero,
     helper_thread,
+    pair_distance_bounds,
     pairwise_distance,
     prepare_features,
     serial_cpu_ops,
@@ -291,27 +293,72 @@ class KReciprocalDistances:
 
     def distances(self, rows: torch.Tensor | np.ndarray | slice) -> torch.Tensor:
         """Re-ranked distances ``[B, G]`` (float32) of the queries ``rows`` (indices or a slice)."""
-        return self._distances(rows)
-
-    def _distances(self, rows: torch.Tensor | np.ndarray | slice, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`distances`, written into ``out`` (``[B, G]`` float32, contiguous) when given: a buffer reused
-        from chunk to chunk costs no fresh pages."""
         if isinstance(rows, slice):
             rows = torch.arange(self.shape[0])[rows]
-        rows_t = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-        rows_np = rows_t.cpu().numpy()
-        device = self.query_features.device
-        q = self.query_features[rows_t.to(device)]
-        if self.query_features.dtype != torch.float32:
-            out = None  # the product runs in the features' dtype, then becomes float32
-        d = pairwise_distance(q, self.gallery_features, self.metric, prepared=True, out=out).to(torch.float32)
-        original = d.pow_(2).div_(self.query_scale.to(device)[rows_t.to(device), None])
-        keys, overlap = _overlap_entries(self.query_encoding[rows_np], self.gallery_encoding_t)
-        return _rerank_block(original, keys, overlap, self.lambda_value)
+        return self._chunk(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)).block(0, self.shape[1])
+
+    @cached_property
+    def _gallery_sq_norms(self) -> torch.Tensor:
+        return self.gallery_features.pow(2).sum(1)
+
+    def _chunk(self, rows: torch.Tensor) -> _RerankedChunk:
+        """The re-ranked distances of the queries ``rows [B]`` (int64), one block of the gallery at a time."""
+        return _RerankedChunk(self, rows)
 
     def to_dense(self) -> np.ndarray:
         """All re-ranked distances ``[Q, G]`` as float32 numpy."""
         return self.distances(slice(None)).cpu().numpy()
+
+
+class _RerankedChunk:
+    """Re-ranked distances of a chunk of queries to blocks of gallery columns (`block`), and upper
+    bounds on them at given pairs (`upper_bounds`), for `compute_reid_metrics`."""
+
+    def __init__(self, owner: KReciprocalDistances, rows: torch.Tensor):
+        device = owner.query_features.device
+        self.owner = owner
+        rows_dev = rows.to(device)
+        self.q = owner.query_features[rows_dev]
+        self.scale = owner.query_scale.to(device)[rows_dev]
+        # Non-zero overlaps S of the chunk, keys a * G + b ascending: each row's columns are sorted.
+        num_g = owner.shape[1]
+        self.keys, self.overlap = _overlap_entries(owner.query_encoding[rows.cpu().numpy()], owner.gallery_encoding_t)
+        self.row_keys = np.arange(rows.numel(), dtype=np.int64) * num_g
+        self.g_sq = owner._gallery_sq_norms
+        self.q_sq = self.q.pow(2).sum(1)
+
+    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Re-ranked distances ``[B, j1 - j0]`` (float32) to gallery items ``j0 .. j1 - 1``; ``out``
+        (contiguous float32 of that shape) avoids an allocation."""
+        owner = self.owner
+        g_sq = self.g_sq[j0:j1] if owner.metric == "euclidean" else None
+        if owner.query_features.dtype != torch.float32:
+            out = None  # the product runs in the features' dtype, then becomes float32
+        d = pairwise_distance(self.q, owner.gallery_features[j0:j1], owner.metric, prepared=True, y_sq_norms=g_sq,
+                              out=out).to(torch.float32)
+        original = d.pow_(2).div_(self.scale[:, None])
+        # the overlaps in columns j0 .. j1 - 1: one contiguous run of keys per row
+        starts = np.searchsorted(self.keys, self.row_keys + j0)
+        seg, pos = _ragged(starts, np.searchsorted(self.keys, self.row_keys + j1) - starts)
+        local = seg * (j1 - j0) + (self.keys[pos] - self.row_keys[seg] - j0)
+        return _rerank_block(original, local, self.overlap[pos], owner.lambda_value)
+
+    def upper_bounds(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Upper bounds ``[M]`` (float64) on `block`'s distances at the pairs ``(rows, cols)`` (chunk
+        rows, gallery columns; ``[M]`` int64): the distance bounds (`pair_distance_bounds`) carried
+        through the normalisation and the Jaccard term, with a margin for their float32 roundings."""
+        owner = self.owner
+        low, high = pair_distance_bounds(self.q, owner.gallery_features, rows, cols, owner.metric, self.q_sq, self.g_sq)
+        original = torch.maximum(low.square(), high.square()) / self.scale[rows].double()
+        keys = rows.cpu().numpy() * owner.shape[1] + cols.cpu().numpy()
+        overlap = np.zeros(keys.size)
+        if self.keys.size:
+            loc = np.searchsorted(self.keys, keys).clip(max=self.keys.size - 1)
+            found = self.keys[loc] == keys
+            overlap[found] = self.overlap[loc[found]]
+        overlap = torch.from_numpy(overlap).to(low.device)
+        final = original * owner.lambda_value + (1.0 - overlap / (2.0 - overlap)) * (1.0 - owner.lambda_value)
+        return final * (1.0 + 1e-6) + 1e-6  # a few float32 roundings of values <= ~2
 
 
 # Lower 32 bits of a neighbour key: 0xFFFFFFFF - index, so that equal scores rank the smaller index first.
