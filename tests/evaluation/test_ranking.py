@@ -309,3 +309,114 @@ def test_serial_cpu_ops_restores_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert_same(two, one)
+
+
+# -------------------------------------------------------------------------- ranking by gallery blocks
+class _PathSpy:
+    """Counts the chunks ranked by gallery blocks and those ranked by whole rows."""
+
+    def __init__(self, monkeypatch):
+        self.blocked = self.rows = 0
+        by_blocks, by_rows = ranking._rank_by_blocks, ranking._rank_chunk
+
+        def spy_blocks(*args, **kwargs):
+            result = by_blocks(*args, **kwargs)
+            self.blocked += result is not None
+            return result
+
+        def spy_rows(*args, **kwargs):
+            self.rows += 1
+            return by_rows(*args, **kwargs)
+
+        monkeypatch.setattr(ranking, "_rank_by_blocks", spy_blocks)
+        monkeypatch.setattr(ranking, "_rank_chunk", spy_rows)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize(("block", "chunk"), [(7, None), (50, 3), (1000, 16)])
+def test_gallery_blocks_match_full_sort(monkeypatch, metric, block, chunk):
+    """Ranked a gallery block at a time (survivors under a bound, junk set aside, positives gathered
+    per block) the metrics equal a stable full sort of every row: skipped queries, distractors,
+    same-camera junk, blocks of unequal widths."""
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", block)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    spy = _PathSpy(monkeypatch)
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=40, num_g=301, seed=31)
+    distmat = pairwise_distance(qf, gf, metric).numpy()
+    expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=30)
+    got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, max_rank=30, chunk_size=chunk)
+    assert_same(got, expected)
+    assert spy.blocked > 0 and spy.rows == 0
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize(("num_q", "num_g", "max_rank"), [(40, 150, 20), (25, 6, 10), (12, 3, 50)])
+def test_gallery_blocks_with_ties(monkeypatch, metric, num_q, num_g, max_rank):
+    """Integer features tie everywhere (positives with negatives, with junk, with each other): the
+    block path breaks ties by gallery index like the full sort, also across block borders and for
+    galleries smaller than max_rank."""
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 4)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    spy = _PathSpy(monkeypatch)
+    for seed in range(3):
+        qf, gf, q_pids, g_pids, q_cams, g_cams = _integer_case(num_q, num_g, metric, seed=seed)
+        distmat = pairwise_distance(qf, gf, metric).numpy()
+        if not np.any((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])):
+            continue
+        expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+        for chunk in (None, 5):
+            got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric,
+                                       max_rank=max_rank, chunk_size=chunk)
+            assert_same(got, expected)
+    assert spy.blocked > 0 and spy.rows == 0
+
+
+def test_a_failed_bound_falls_back_to_whole_rows(monkeypatch):
+    """Bounds below the products' values (as a less accurate product would give) are detected after
+    the blocks and the chunk is ranked by whole rows: the same metrics."""
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 32)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=30, num_g=200, seed=32)
+    expected = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    true_bounds = ranking._FeatureChunk.upper_bounds
+    monkeypatch.setattr(ranking._FeatureChunk, "upper_bounds", lambda self, r, c: true_bounds(self, r, c) - 0.05)
+    spy = _PathSpy(monkeypatch)
+    got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk_size=8)
+    assert_same(got, expected)
+    assert spy.blocked == 0 and spy.rows > 0
+
+
+def test_most_entries_surviving_falls_back_to_whole_rows(monkeypatch):
+    """Features close to random: most entries are no farther than the last positive, so the chunk is
+    ranked by whole rows (bounded scratch) rather than by a survivor list."""
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 16)
+    spy = _PathSpy(monkeypatch)
+    rng = np.random.default_rng(33)
+    qf, gf = rng.standard_normal((20, 8)).astype(np.float32), rng.standard_normal((90, 8)).astype(np.float32)
+    q_pids, g_pids = rng.integers(1, 4, 20), rng.integers(0, 4, 90)
+    q_cams, g_cams = rng.integers(0, 3, 20), rng.integers(0, 3, 90)
+    got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    assert_same(got, slow_protocol(pairwise_distance(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams, max_rank=20))
+    assert spy.blocked == 0 and spy.rows > 0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_distance_bounds_contain_the_products(metric, dtype):
+    """The bounds hold the distances one product of the features gives, at any feature scale, and are
+    tight away from 0 (a few thousand float ulps: a few 1e-4 for float32 cosine distances)."""
+    from ccafl_hf.evaluation.distances import pair_distance_bounds, prepare_features
+
+    g = torch.Generator().manual_seed(5)
+    x = prepare_features(torch.randn(64, 300, generator=g, dtype=dtype) * 30, metric)
+    y = prepare_features(torch.randn(500, 300, generator=g, dtype=dtype) * 0.01, metric)
+    y[:20] = x[:20]  # zero distances, where rounding can go below 0 for cosine
+    dist = pairwise_distance(x, y, metric, prepared=True)
+    rows = torch.arange(64).repeat_interleave(500)
+    cols = torch.arange(500).repeat(64)
+    low, high = pair_distance_bounds(x, y, rows, cols, metric, x.pow(2).sum(1), y.pow(2).sum(1))
+    values = dist.reshape(-1).double()
+    assert bool((low <= values).all()) and bool((values <= high).all())
+    scale = 1.0 if metric == "cosine" else float(values.max())
+    apart = values > 0.01 * scale  # a Euclidean distance near 0 is only known to about sqrt(eps)·‖x‖
+    assert float((high - low)[apart].max()) < 20 * (300 + 4) * torch.finfo(dtype).eps * scale

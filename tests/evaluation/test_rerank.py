@@ -298,3 +298,52 @@ def test_one_pass_with_several_threads_folds_both_sides_at_once(monkeypatch, met
     expected, expected_far = slow_neighbours(x, 9, metric)
     np.testing.assert_array_equal(neighbours.numpy(), expected)
     np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("block", [5, 40])
+def test_reranked_metrics_by_gallery_blocks_match_dense(monkeypatch, metric, block):
+    """Re-ranked distances produced a block of gallery columns at a time (overlaps picked per block,
+    bounds carried through the Jaccard term) rank exactly like the dense re-ranked matrix, ties of
+    integer features included."""
+    from ccafl_hf.evaluation import ranking
+
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", block)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 8)
+    taken = []
+    by_blocks = ranking._rank_by_blocks
+    monkeypatch.setattr(ranking, "_rank_by_blocks", lambda *a: taken.append(by_blocks(*a)) or taken[-1])
+    qf, gf, q_pids, g_pids, q_cams, g_cams = _features(30, 90, seed=5)
+    # features whose products are exact in any order: ±1 in 4-d for cosine (±0.5 once normalised)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], (120, 4)).astype(np.float32)) if metric == "cosine" else (
+        _integer_features(120, seed=3))
+    for q, g in ((qf, gf), (x[:30], x[30:])):
+        dense = rerank_distances(*_dense(q, g, metric))
+        expected = evaluate_rank(dense, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+        for chunk in (None, 7):
+            got = compute_reid_metrics(q, g, q_pids, g_pids, q_cams, g_cams, metric=metric, rerank=True,
+                                       max_rank=20, chunk_size=chunk)
+            for key in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries"):
+                assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+            np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-12)
+    assert taken and all(result is not None for result in taken)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_reranked_upper_bounds_hold(metric):
+    """The bounds a chunk gives before its products are never below the re-ranked distances."""
+    qf, gf, *_ = _features(25, 80, seed=9)
+    reranked = rerank_from_features(qf, gf, 6, 3, 0.3, metric=metric)
+    rows = torch.tensor([0, 3, 4, 11, 24])
+    chunk = reranked._chunk(rows)
+    dist = chunk.block(0, 80)
+    r = torch.arange(5).repeat_interleave(80)
+    c = torch.arange(80).repeat(5)
+    upper = chunk.upper_bounds(r, c)
+    assert bool((dist.reshape(-1).double() <= upper).all())
+    assert float((upper - dist.reshape(-1).double()).max()) < 1e-3
+    np.testing.assert_array_equal(dist.numpy(), reranked.distances(rows).numpy())
+    np.testing.assert_allclose(torch.cat([chunk.block(0, 33), chunk.block(33, 80)], 1).numpy(), dist.numpy(),
+                               rtol=0, atol=1e-6)
