@@ -446,18 +446,17 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
         kth[touched] = _key_scores(best[touched, k - 1])
 
     buf = torch.empty(side * wide, dtype=x.dtype, device=device)  # blocks are contiguous views of these
-    # Diagonal blocks first, kept whole: every row starts from its best k in its own block, so the
-    # thresholds are tight before the off-diagonal blocks, where few entries pass them.
+    # Diagonal blocks first: every row starts from its best k in its own block (the entries at least
+    # as good as its k-th best score there, ties included, folded by key), so the thresholds are
+    # tight before the off-diagonal blocks, where few entries pass them.
     for i0 in range(0, n, block):
         xi = x[i0 : i0 + block]
         s = torch.mm(xi, xi.T, out=buf[: xi.shape[0] ** 2].view(xi.shape[0], xi.shape[0]))
         with serial_cpu_ops(device):
             score = s if metric == "cosine" else 2.0 * s - sq[None, i0 : i0 + xi.shape[0]]
-            lowest[i0 : i0 + xi.shape[0]] = score.amin(1)
-            item = torch.arange(i0, i0 + xi.shape[0], device=device)
-            keys = _score_keys(score, item[None, :]).topk(min(k, xi.shape[0]), dim=1).values
-            best[i0 : i0 + xi.shape[0], : keys.shape[1]] = keys
-            kth[i0 : i0 + xi.shape[0]] = _key_scores(best[i0 : i0 + xi.shape[0], k - 1])
+            if xi.shape[0] >= k:
+                kth[i0 : i0 + xi.shape[0]] = score.topk(k, dim=1).values[:, -1]
+            fold(score, i0, i0, False)
     # With several threads on the CPU, a block's row side and column side are folded at once, on
     # disjoint states (j0 > i0): the folds run single-threaded, the products on every thread.
     with helper_thread(device) as pool:
