@@ -221,6 +221,14 @@ def compare(x: torch.Tensor, bound: torch.Tensor, op: Literal["le", "ge"], out: 
     return getattr(torch, op)(x, bound, out=out)
 
 
+def column_min(x: torch.Tensor) -> torch.Tensor:
+    """Minimum of each column of a contiguous ``x [R, C]`` (``[C]``). On the CPU numpy's reduction over
+    rows is about twice as fast as torch's ``amin(0)``; elsewhere torch."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.min(x.numpy(), axis=0))
+    return x.amin(0)
+
+
 def count_nonzero(mask: torch.Tensor) -> int:
     """Number of true entries of a contiguous boolean ``mask`` (numpy's popcount on the CPU)."""
     if mask.device.type == "cpu":
@@ -246,6 +254,7 @@ __all__ = [
     "check_features",
     "check_ids",
     "check_metric",
+    "column_min",
     "compare",
     "count_nonzero",
     "flat_nonzero",

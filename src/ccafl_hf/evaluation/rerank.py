@@ -47,6 +47,7 @@ from .distances import (
     DistanceMetric,
     check_feature_pair,
     check_metric,
+    column_min,
     compare,
     flat_nonzero,
     helper_thread,
@@ -428,7 +429,7 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
         nr, nc = score.shape
         if transposed:
             states = slice(cols0, cols0 + nc)
-            lowest[states] = torch.minimum(lowest[states], score.amin(0))
+            lowest[states] = torch.minimum(lowest[states], column_min(score))
             bound = kth[None, states]
         else:
             states = slice(rows0, rows0 + nr)
