@@ -180,7 +180,8 @@ def serial_cpu_ops(device: torch.device) -> Iterator[None]:
     For the many small operations after each product (thresholds, candidate merges, ranks): split
     over threads they spend more time synchronising than computing, and far more when other
     processes share the cores; the products themselves keep every thread. No effect off the CPU.
-    torch keeps the count per Python thread, so other threads are unaffected.
+    The count is process-wide: enter it from the main thread only, around work that other threads
+    (`helper_thread`) share.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -194,14 +195,15 @@ def serial_cpu_ops(device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def helper_thread(device: torch.device) -> Iterator[ThreadPoolExecutor | None]:
-    """A one-worker thread pool where work on ``device`` can run beside the main thread (the CPU with
-    more than one torch thread), else ``None``. Work split between the two must touch disjoint data
-    and run inside `serial_cpu_ops`, so that the two threads do not also split each operation."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+def helper_thread(device: torch.device, workers: int = 1) -> Iterator[ThreadPoolExecutor | None]:
+    """A thread pool of ``workers`` threads where work on ``device`` can run beside the main thread (the
+    CPU with more than one torch thread), else ``None``. Work split between the threads must touch
+    disjoint data and run inside `serial_cpu_ops` (entered by the main thread: the count is
+    process-wide), so that the threads do not also split each operation."""
+    if device.type != "cpu" or torch.get_num_threads() == 1 or workers < 1:
         yield None
         return
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         yield pool
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Protocol
@@ -294,26 +295,66 @@ def _rank_chunk(
 
 
 class _DistanceChunk(Protocol):
-    """Distances of a chunk of ``B`` queries to the gallery, one block of columns at a time."""
+    """Distances of a chunk of ``B`` queries to the gallery, one block of columns at a time.
+
+    `block` gives the distances. For ranking, `raw` gives screening values ``v`` instead (the
+    distances themselves, or values they are a non-decreasing function of, in ``|v|``):
+    `screen` turns a distance bound into a bound on them, `untouched_finals` gives the distances of
+    the screened entries and `exceptions` the entries that do not follow that function.
+    """
 
     def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Distances ``[B, j1 - j0]`` to gallery items ``j0 .. j1 - 1`` (into ``out`` when given)."""
 
+    def raw(self, j0: int, j1: int, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Screening values ``[R, j1 - j0]`` of the chunk rows ``rows`` (``R`` of them)."""
+
+    def screen(self, bound: torch.Tensor) -> torch.Tensor:
+        """``[B]``: a non-exception entry has distance ``<= bound`` iff ``|v| <=`` this (``-inf``: none)."""
+
+    def untouched_finals(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Distances of non-exception entries of chunk rows ``rows [M]`` from their values ``v [M]``."""
+
+    def exceptions(
+        self, j0: int, j1: int, v: torch.Tensor, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Rows (counted from ``rows.start``), columns and distances of the other entries of ``v``, the
+        `raw` values of ``rows`` (they are set to ``+inf`` there), or None."""
+
+    def finals(self, rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Distances at the pairs ``(rows, cols) [M]`` from their values ``v [M]``."""
+
     def upper_bounds(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """float64 ``[M]``, never below what `block` gives at the pairs ``(rows, cols)`` ``[M]``."""
+        """float64 ``[M]``, never below the distances at the pairs ``(rows, cols) [M]``."""
 
 
 class _FeatureChunk:
     """`pairwise_distance` of a chunk of query features ``q [B, D]`` to blocks of ``gallery [G, D]``
-    (``g_sq [G]``: its squared norms)."""
+    (``g_sq [G]``: its squared norms); the distances are their own screening values."""
 
     def __init__(self, q: torch.Tensor, gallery: torch.Tensor, metric: str, g_sq: torch.Tensor):
         self.q, self.gallery, self.metric, self.g_sq = q, gallery, metric, g_sq
         self.q_sq = q.pow(2).sum(1)
 
     def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.raw(j0, j1, slice(None), out)
+
+    def raw(self, j0: int, j1: int, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         g_sq = self.g_sq[j0:j1] if self.metric == "euclidean" else None
-        return pairwise_distance(self.q, self.gallery[j0:j1], self.metric, prepared=True, y_sq_norms=g_sq, out=out)
+        return pairwise_distance(self.q[rows], self.gallery[j0:j1], self.metric, prepared=True, y_sq_norms=g_sq,
+                                 out=out)
+
+    def screen(self, bound: torch.Tensor) -> torch.Tensor:
+        return bound
+
+    def untouched_finals(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def exceptions(self, j0: int, j1: int, v: torch.Tensor, rows: slice) -> None:
+        return None
+
+    def finals(self, rows: torch.Tensor, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return v
 
     def upper_bounds(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return pair_distance_bounds(self.q, self.gallery, rows, cols, self.metric, self.q_sq, self.g_sq)[1]
@@ -326,28 +367,58 @@ def _gallery_blocks(num_gallery: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _keep_survivors(
-    block: torch.Tensor, bound: torch.Tensor, mask: torch.Tensor, j0: int, parts: list
-) -> None:
-    """Append to ``parts`` the ``(rows, cols, values)`` of the entries of ``block [B, N]`` (gallery
-    columns from ``j0``) no larger than their row's ``bound [B]``; ``mask``: boolean scratch of at
-    least ``B * N`` entries."""
-    b, n = block.shape
-    kept = compare(block, bound[:, None], "le", out=mask[: b * n].view(b, n))
-    flat = flat_nonzero(kept).to(block.device)
-    rows = flat.div(n, rounding_mode="floor")
-    values = block.view(-1).index_select(0, flat)
-    parts.append((rows, flat.sub_(rows * n).add_(j0), values))
+def _fold_lane(
+    chunk: _DistanceChunk, lane: slice, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor,
+    blocks: list[tuple[int, int]], bound: torch.Tensor, threshold: torch.Tensor, buf: torch.Tensor,
+    mask: torch.Tensor, budget: int, stop: threading.Event,
+) -> tuple[torch.Tensor, list] | None:
+    """The chunk rows ``lane`` block by block: their positives' screening values ``[R, P]`` and
+    survivors, a list of ``(rows, cols, distances)`` (rows counted from ``lane.start``): the
+    exceptions no farther than ``bound``, and the other entries whose value is within ``threshold``
+    (junk set to ``+inf``). ``None`` once the survivors pass ``budget`` or ``_DENSE_SURVIVORS`` of
+    the entries seen, or another lane has stopped (``stop``). ``buf``/``mask``: scratch of at least
+    ``R`` rows of a block."""
+    index, positive, junk = index[lane], positive[lane], junk[lane]
+    b, p = index.shape
+    bound, threshold = bound[lane], threshold[lane, None]
+    pos_raw = torch.zeros((b, p), dtype=buf.dtype, device=index.device)
+    parts: list[tuple] = []
+    kept, seen = 0, 0
+    for j0, j1 in blocks:
+        if stop.is_set():
+            return None
+        n = j1 - j0
+        block = chunk.raw(j0, j1, lane, out=buf[: b * n].view(b, n))
+        inside = (index >= j0) & (index < j1)
+        local = (index - j0).clamp_(0, n - 1)
+        pos_raw = torch.where(inside & positive, block.gather(1, local), pos_raw)
+        hit = inside & junk
+        if bool(hit.any()):
+            r, c = hit.nonzero(as_tuple=True)
+            block[r, local[r, c]] = math.inf
+        others = chunk.exceptions(j0, j1, block, lane)
+        if others is not None:
+            rows, cols, values = others
+            keep = (values <= bound[rows]).nonzero().squeeze(1)
+            parts.append((rows[keep], cols[keep], values[keep]))
+            kept += keep.numel()
+        flat = flat_nonzero(compare(block, threshold, "le", out=mask[: b * n].view(b, n))).to(block.device)
+        rows = flat.div(n, rounding_mode="floor")
+        values = chunk.untouched_finals(rows + (lane.start or 0), block.view(-1).index_select(0, flat))
+        parts.append((rows, flat.sub_(rows * n).add_(j0), values))
+        kept += flat.numel()
+        seen += b * n
+        if kept > _DENSE_SURVIVORS * seen or kept > budget:
+            stop.set()
+            return None
+    return pos_raw, parts
 
 
 def _rank_lane(
     parts: list, pos_d: torch.Tensor, pos_g: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, num_gallery: int
 ) -> torch.Tensor:
-    """`_ranks_of_survivors` of rows whose survivors (`_keep_survivors`, no larger than a bound at
-    least ``last``) are ``parts``: those no farther than the last positive."""
-    if not parts:
-        return _ranks_of_survivors(pos_d, pos_g, valid, *(torch.zeros(0, dtype=t.dtype, device=t.device)
-                                                           for t in (pos_g[0], pos_g[0], pos_d[0])), num_gallery)
+    """`_ranks_of_survivors` of rows whose survivors (`_fold_lane`, no larger than a bound at least
+    ``last``) are ``parts``: those no farther than the last positive."""
     rows, cols, values = (torch.cat(part) for part in zip(*parts))
     keep = values <= last[rows]
     return _ranks_of_survivors(pos_d, pos_g, valid, rows[keep], cols[keep], values[keep], num_gallery)
@@ -355,94 +426,89 @@ def _rank_lane(
 
 def _rank_by_blocks(
     chunk: _DistanceChunk, index: torch.Tensor, positive: torch.Tensor, junk: torch.Tensor,
-    blocks: list[tuple[int, int]], buf: torch.Tensor, mask_buf: torch.Tensor, pool: Executor | None,
+    blocks: list[tuple[int, int]], buf: torch.Tensor, mask_buf: torch.Tensor, pool: Executor | None, lanes: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`_positive_ranks` of a chunk of queries computed one gallery block at a time, never holding its
     whole rows; ``None`` where that does not pay (most entries survive) or the bounds fail.
 
     Before the products, each row gets an upper bound on its positives' distances
-    (``chunk.upper_bounds``); each block keeps the entries no farther than it (junk set to
-    ``+inf``) and its positives' exact distances. At the end, the survivors no farther than the last
-    positive are ranked by `_ranks_of_survivors`. That is exact when every row's last positive is
-    within its bound - which is checked: otherwise ``None``. ``buf``/``mask_buf``: scratch for one
-    block of distances and its comparison. With a helper thread the two halves of the rows (lanes)
-    are bounded, compared and ranked at once.
+    (``chunk.upper_bounds``), turned into a bound on the screening values (``chunk.screen``); each
+    block keeps the entries within it (`_fold_lane`) and its positives' exact values. At the end,
+    the survivors no farther than the last positive are ranked by `_ranks_of_survivors`. That is
+    exact when every row's last positive is within its bound - which is checked: otherwise
+    ``None``. ``buf``/``mask_buf``: scratch for one block of the chunk's distances and its comparison.
+    On the CPU the chunk's rows are split into ``lanes`` that run at once on ``pool``, each with its
+    own one-thread products: no thread waits for another between a product and its comparison.
     """
     b, p = index.shape
     device = index.device
-    h = b // 2 if pool is not None else 0
-    lanes = [slice(0, h), slice(h, b)] if h else [slice(0, b)]
+    width = buf.numel() // max(b, 1) if lanes > 1 else 0
+    rows_of = [slice(int(r[0]), int(r[-1]) + 1) for r in torch.arange(b).tensor_split(min(lanes, b)) if r.numel()]
 
     def at_once(work: Callable, *args_per_lane: tuple) -> list:
-        later = [pool.submit(work, *args) for args in args_per_lane[1:]] if len(args_per_lane) > 1 else []
+        later = [pool.submit(work, *args) for args in args_per_lane[1:]]
         return [work(*args_per_lane[0])] + [f.result() for f in later]
 
-    with serial_cpu_ops(device):
+    with serial_cpu_ops(device):  # every lane's products and folds on one intra-op thread
         rows_p, slots_p = positive.nonzero(as_tuple=True)
         cols_p = index[rows_p, slots_p]
-        cut = int(torch.searchsorted(rows_p, torch.tensor(h, device=device)))
-        pair_lanes = [slice(0, cut), slice(cut, None)] if h else [slice(None)]
-        upper = torch.cat(at_once(chunk.upper_bounds, *((rows_p[s], cols_p[s]) for s in pair_lanes)))
+        cuts = torch.searchsorted(rows_p, torch.tensor([s.start for s in rows_of[1:]], dtype=torch.int64,
+                                                       device=device)).tolist()
+        pairs = [slice(a, z) for a, z in zip([0, *cuts], [*cuts, rows_p.numel()])]
+        upper = torch.cat(at_once(chunk.upper_bounds, *((rows_p[s], cols_p[s]) for s in pairs)))
         bound = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
         bound = round_up(bound.scatter_reduce_(0, rows_p, upper, "amax"), buf.dtype)
-        pos_dist = torch.zeros((b, p), dtype=buf.dtype, device=device)
-    parts: list[list] = [[] for _ in lanes]
-    kept, seen = 0, 0
-    for j0, j1 in blocks:
-        n = j1 - j0
-        block = chunk.block(j0, j1, out=buf[: b * n].view(b, n))
-        with serial_cpu_ops(device):
-            inside = (index >= j0) & (index < j1)
-            local = (index - j0).clamp_(0, n - 1)
-            pos_dist = torch.where(inside & positive, block.gather(1, local), pos_dist)
-            hit = inside & junk
-            if bool(hit.any()):
-                r, c = hit.nonzero(as_tuple=True)
-                block[r, local[r, c]] = math.inf
-            at_once(_keep_survivors, *((block[s], bound[s], mask_buf[s.start * n :], j0, part)
-                                       for s, part in zip(lanes, parts)))
-        kept += sum(part[-1][0].numel() for part in parts)
-        seen += b * n
-        if kept > _DENSE_SURVIVORS * seen or kept > _MAX_SURVIVORS:
+        threshold = chunk.screen(bound)
+        stop = threading.Event()
+        budget = _MAX_SURVIVORS // len(rows_of)
+        folded = at_once(_fold_lane, *((chunk, s, index, positive, junk, blocks, bound, threshold,
+                                        buf[s.start * width :], mask_buf[s.start * width :], budget, stop)
+                                       for s in rows_of))
+        if any(lane is None for lane in folded):
             return None
-    with serial_cpu_ops(device):
+        pos_raw = torch.cat([lane[0] for lane in folded])
+        pos_dist = torch.zeros_like(pos_raw)
+        pos_dist[rows_p, slots_p] = chunk.finals(rows_p, cols_p, pos_raw[rows_p, slots_p])
         pos_d, pos_g, num_pos, valid, last = _sorted_positives(pos_dist, index, positive)
         if not bool((last <= bound).all()):  # a product less accurate than its bound (e.g. TF32)
             logger.debug("a distance bound failed for a chunk of queries: ranking it by whole rows")
             return None
-        ranks = at_once(_rank_lane, *((part, pos_d[s], pos_g[s], valid[s], last[s], blocks[-1][1])
-                                      for s, part in zip(lanes, parts)))
+        ranks = at_once(_rank_lane, *((lane[1], pos_d[s], pos_g[s], valid[s], last[s], blocks[-1][1])
+                                      for s, lane in zip(rows_of, folded)))
     return torch.cat(ranks), num_pos
 
 
 def _rank_queries(
     acc: _MetricAccumulator, distances: Callable[[torch.Tensor], _DistanceChunk], queries: torch.Tensor,
-    index: _GalleryIndex, pids: torch.Tensor, camids: torch.Tensor, num_gallery: int, chunk_size: int,
-    dtype: torch.dtype, pool: Executor | None,
+    index: _GalleryIndex, pids: torch.Tensor, camids: torch.Tensor, num_gallery: int, chunk_size: int | None,
+    dtype: torch.dtype,
 ) -> None:
-    """Add the ranks of ``queries`` (indices ``[Q']``) to ``acc``, ``chunk_size`` at a time, from the
-    distance chunks ``distances(rows)``: by gallery blocks (`_rank_by_blocks`), or by whole rows in
+    """Add the ranks of ``queries`` (indices ``[Q']``) to ``acc``, ``chunk_size`` at a time (default:
+    ``_QUERY_CHUNK``, more with more than two CPU threads), from the distance chunks
+    ``distances(rows)``: by gallery blocks (`_rank_by_blocks`), or by whole rows in
     ~``_CHUNK_BYTES`` of scratch where that returns ``None``."""
     device = queries.device
+    lanes = torch.get_num_threads() if device.type == "cpu" else 1
     blocks = _gallery_blocks(num_gallery)
-    chunk_size = min(chunk_size, queries.numel())
+    chunk_size = min(chunk_size or _QUERY_CHUNK * max(1, lanes // 2), queries.numel())
     width = max(j1 - j0 for j0, j1 in blocks)
     buf = torch.empty(chunk_size * width, dtype=dtype, device=device)
     mask_buf = torch.empty(chunk_size * width, dtype=torch.bool, device=device)
     row_buf = row_mask = None
-    for rows in queries.tensor_split(-(-queries.numel() // chunk_size)):
-        idx, positive, junk = index.lookup(pids[rows], camids[rows])
-        result = _rank_by_blocks(distances(rows), idx, positive, junk, blocks, buf, mask_buf, pool)
-        if result is not None:
-            acc.add(*result)
-            continue
-        step = min(_auto_chunk(num_gallery, torch.finfo(dtype).bits // 8), rows.numel())
-        if row_buf is None:
-            row_buf = torch.empty(step * num_gallery, dtype=dtype, device=device)
-            row_mask = torch.empty(step * num_gallery, dtype=torch.bool, device=device)
-        for sub in rows.split(step):
-            dist = distances(sub).block(0, num_gallery, out=row_buf[: sub.numel() * num_gallery].view(-1, num_gallery))
-            _rank_chunk(acc, dist, index, pids[sub], camids[sub], row_mask, pool)
+    with helper_thread(device, workers=lanes - 1) as pool:
+        for rows in queries.tensor_split(-(-queries.numel() // chunk_size)):
+            idx, positive, junk = index.lookup(pids[rows], camids[rows])
+            result = _rank_by_blocks(distances(rows), idx, positive, junk, blocks, buf, mask_buf, pool, lanes)
+            if result is not None:
+                acc.add(*result)
+                continue
+            step = min(_auto_chunk(num_gallery, torch.finfo(dtype).bits // 8), rows.numel())
+            if row_buf is None:
+                row_buf = torch.empty(step * num_gallery, dtype=dtype, device=device)
+                row_mask = torch.empty(step * num_gallery, dtype=torch.bool, device=device)
+            for sub in rows.split(step):
+                dist = distances(sub).block(0, num_gallery, out=row_buf[: sub.numel() * num_gallery].view(-1, num_gallery))
+                _rank_chunk(acc, dist, index, pids[sub], camids[sub], row_mask, pool)
 
 
 class _MetricAccumulator:
@@ -609,9 +675,8 @@ def compute_reid_metrics(
         return _FeatureChunk(qf[rows], gf, metric, g_sq) if reranker is None else reranker._chunk(rows)
 
     acc = _MetricAccumulator(max_rank, qf.device)
-    with helper_thread(qf.device) as pool:
-        _rank_queries(acc, distances, queries, index, q_pids_t, q_cam_t, num_g, chunk_size or _QUERY_CHUNK,
-                      torch.float32 if rerank else dtype, pool)
+    _rank_queries(acc, distances, queries, index, q_pids_t, q_cam_t, num_g, chunk_size,
+                  torch.float32 if rerank else dtype)
     return acc.result(num_q)
 
 

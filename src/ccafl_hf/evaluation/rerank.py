@@ -312,8 +312,14 @@ class KReciprocalDistances:
 
 
 class _RerankedChunk:
-    """Re-ranked distances of a chunk of queries to blocks of gallery columns (`block`), and upper
-    bounds on them at given pairs (`upper_bounds`), for `compute_reid_metrics`."""
+    """Re-ranked distances of a chunk of queries ``rows [B]`` to blocks of gallery columns, for
+    `compute_reid_metrics` (the `_DistanceChunk` protocol of `ranking`).
+
+    An entry without overlap (``S = 0``, most of them) has the re-ranked distance ``f(d) = λ·d²/m +
+    (1 - λ)`` of its distance ``d`` (``m``: the query's scale), a function of ``|d|`` that never
+    decreases, so such entries are screened on ``d`` itself (`raw`, `screen`) and only the survivors
+    are transformed; the few entries with an overlap are the exceptions, computed exactly.
+    """
 
     def __init__(self, owner: KReciprocalDistances, rows: torch.Tensor):
         device = owner.query_features.device
@@ -328,21 +334,96 @@ class _RerankedChunk:
         self.g_sq = owner._gallery_sq_norms
         self.q_sq = self.q.pow(2).sum(1)
 
-    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Re-ranked distances ``[B, j1 - j0]`` (float32) to gallery items ``j0 .. j1 - 1``; ``out``
-        (contiguous float32 of that shape) avoids an allocation."""
+    def raw(self, j0: int, j1: int, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """The distances ``d [R, j1 - j0]`` (float32) of the chunk rows ``rows`` to gallery items ``j0 ..
+        j1 - 1``; ``out`` (contiguous float32 of that shape) avoids an allocation."""
         owner = self.owner
         g_sq = self.g_sq[j0:j1] if owner.metric == "euclidean" else None
         if owner.query_features.dtype != torch.float32:
             out = None  # the product runs in the features' dtype, then becomes float32
-        d = pairwise_distance(self.q, owner.gallery_features[j0:j1], owner.metric, prepared=True, y_sq_norms=g_sq,
-                              out=out).to(torch.float32)
-        original = d.pow_(2).div_(self.scale[:, None])
-        # the overlaps in columns j0 .. j1 - 1: one contiguous run of keys per row
-        starts = np.searchsorted(self.keys, self.row_keys + j0)
-        seg, pos = _ragged(starts, np.searchsorted(self.keys, self.row_keys + j1) - starts)
-        local = seg * (j1 - j0) + (self.keys[pos] - self.row_keys[seg] - j0)
-        return _rerank_block(original, local, self.overlap[pos], owner.lambda_value)
+        return pairwise_distance(self.q[rows], owner.gallery_features[j0:j1], owner.metric, prepared=True,
+                                 y_sq_norms=g_sq, out=out).to(torch.float32)
+
+    def _touched(self, j0: int, j1: int, rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The overlaps of the chunk rows ``rows`` in columns ``j0 .. j1 - 1`` (one contiguous run of
+        keys per row): their rows (counted from ``rows.start``), columns minus ``j0`` and values ``S``."""
+        row_keys = self.row_keys[rows]
+        starts = np.searchsorted(self.keys, row_keys + j0)
+        seg, pos = _ragged(starts, np.searchsorted(self.keys, row_keys + j1) - starts)
+        return seg, self.keys[pos] - row_keys[seg] - j0, self.overlap[pos]
+
+    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Re-ranked distances ``[B, j1 - j0]`` (float32) to gallery items ``j0 .. j1 - 1``."""
+        original = self.raw(j0, j1, out=out).pow_(2).div_(self.scale[:, None])
+        seg, col, overlap = self._touched(j0, j1)
+        return _rerank_block(original, seg * (j1 - j0) + col, overlap, self.owner.lambda_value)
+
+    def untouched_finals(self, rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``f(d)`` for entries of chunk rows ``rows`` without overlap: the float32 operations of
+        `block` there."""
+        lam = self.owner.lambda_value
+        return d.pow(2).div_(self.scale[rows]).mul_(lam).add_(1 - lam)
+
+    def screen(self, bound: torch.Tensor) -> torch.Tensor:
+        """Thresholds ``t [B]`` on ``d``: an entry without overlap has ``f(d) <= bound`` exactly when
+        ``|d| <= t`` (``-inf``: none). A binary search over the float32 bit patterns of ``|d|``."""
+        rows = torch.arange(bound.numel(), device=bound.device)
+
+        def within(bits: torch.Tensor) -> torch.Tensor:
+            return self.untouched_finals(rows, bits.to(torch.int32).view(torch.float32)) <= bound
+
+        lo = torch.zeros_like(rows)  # f(lo) <= bound where any |d| qualifies
+        hi = torch.full_like(rows, 0x7F800000)  # +inf: f(inf) is inf (or nan), never <= bound
+        for _ in range(31):
+            mid = (lo + hi) // 2
+            ok = within(mid)
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+        t = lo.to(torch.int32).view(torch.float32)
+        return torch.where(within(torch.zeros_like(rows)), t, torch.full_like(t, -math.inf))
+
+    def exceptions(
+        self, j0: int, j1: int, d: torch.Tensor, rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries of ``d [R, j1 - j0]`` (`raw` of the chunk rows ``rows``) with an overlap: their
+        rows (counted from ``rows.start``), gallery columns and exact re-ranked distances, leaving out
+        those at ``+inf`` (set aside); they are set to ``+inf`` in ``d`` so that the screening passes
+        over them."""
+        seg, col, overlap = self._touched(j0, j1, rows)
+        device = d.device
+        index = torch.from_numpy(seg * (j1 - j0) + col).to(device)
+        flat = d.view(-1)
+        values = flat.index_select(0, index)
+        flat.index_fill_(0, index, math.inf)
+        seg_t = torch.from_numpy(seg).to(device)
+        aside = values == math.inf
+        original = values.pow_(2).div_(self.scale[rows].index_select(0, seg_t))
+        values = _combine(torch.from_numpy(overlap).to(device), original, self.owner.lambda_value)
+        cols = torch.from_numpy(col + j0).to(device)
+        if bool(aside.any()):
+            keep = (~aside).nonzero().squeeze(1)
+            return seg_t[keep], cols[keep], values[keep]
+        return seg_t, cols, values
+
+    def finals(self, rows: torch.Tensor, cols: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Exact re-ranked distances ``[M]`` at the pairs ``(rows, cols)`` with distances ``d [M]``."""
+        values = self.untouched_finals(rows, d)
+        found, overlap = self._overlaps_at(rows, cols)
+        if bool(found.any()):
+            at = found.nonzero().squeeze(1)
+            original = d[at].pow(2).div_(self.scale[rows[at]])
+            values[at] = _combine(overlap[at].to(torch.float32), original, self.owner.lambda_value)
+        return values
+
+    def _overlaps_at(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether each pair ``(rows, cols)`` has an overlap, and ``S`` there (float64, 0 elsewhere)."""
+        keys = rows.cpu().numpy() * self.owner.shape[1] + cols.cpu().numpy()
+        found = np.zeros(keys.size, dtype=bool)
+        overlap = np.zeros(keys.size)
+        if self.keys.size:
+            loc = np.searchsorted(self.keys, keys).clip(max=self.keys.size - 1)
+            found = self.keys[loc] == keys
+            overlap[found] = self.overlap[loc[found]]
+        return torch.from_numpy(found).to(rows.device), torch.from_numpy(overlap).to(rows.device)
 
     def upper_bounds(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Upper bounds ``[M]`` (float64) on `block`'s distances at the pairs ``(rows, cols)`` (chunk
@@ -351,13 +432,7 @@ class _RerankedChunk:
         owner = self.owner
         low, high = pair_distance_bounds(self.q, owner.gallery_features, rows, cols, owner.metric, self.q_sq, self.g_sq)
         original = torch.maximum(low.square(), high.square()) / self.scale[rows].double()
-        keys = rows.cpu().numpy() * owner.shape[1] + cols.cpu().numpy()
-        overlap = np.zeros(keys.size)
-        if self.keys.size:
-            loc = np.searchsorted(self.keys, keys).clip(max=self.keys.size - 1)
-            found = self.keys[loc] == keys
-            overlap[found] = self.overlap[loc[found]]
-        overlap = torch.from_numpy(overlap).to(low.device)
+        overlap = self._overlaps_at(rows, cols)[1]
         final = original * owner.lambda_value + (1.0 - overlap / (2.0 - overlap)) * (1.0 - owner.lambda_value)
         return final * (1.0 + 1e-6) + 1e-6  # a few float32 roundings of values <= ~2
 
