@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -301,8 +303,8 @@ def test_one_pass_with_several_threads_folds_both_sides_at_once(monkeypatch, met
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize("block", [5, 40])
-def test_reranked_metrics_by_gallery_blocks_match_dense(monkeypatch, metric, block):
+@pytest.mark.parametrize(("block", "lam"), [(5, 0.3), (40, 0.3), (40, 0.0), (5, 1.0)])
+def test_reranked_metrics_by_gallery_blocks_match_dense(monkeypatch, metric, block, lam):
     """Re-ranked distances produced a block of gallery columns at a time (overlaps picked per block,
     bounds carried through the Jaccard term) rank exactly like the dense re-ranked matrix, ties of
     integer features included."""
@@ -320,11 +322,11 @@ def test_reranked_metrics_by_gallery_blocks_match_dense(monkeypatch, metric, blo
     x = torch.from_numpy(rng.choice([-1.0, 1.0], (120, 4)).astype(np.float32)) if metric == "cosine" else (
         _integer_features(120, seed=3))
     for q, g in ((qf, gf), (x[:30], x[30:])):
-        dense = rerank_distances(*_dense(q, g, metric))
+        dense = rerank_distances(*_dense(q, g, metric), lambda_value=lam)
         expected = evaluate_rank(dense, q_pids, g_pids, q_cams, g_cams, max_rank=20)
         for chunk in (None, 7):
             got = compute_reid_metrics(q, g, q_pids, g_pids, q_cams, g_cams, metric=metric, rerank=True,
-                                       max_rank=20, chunk_size=chunk)
+                                       lambda_value=lam, max_rank=20, chunk_size=chunk)
             for key in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries"):
                 assert got[key] == pytest.approx(expected[key], abs=1e-9), key
             np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-12)
@@ -347,3 +349,28 @@ def test_reranked_upper_bounds_hold(metric):
     np.testing.assert_array_equal(dist.numpy(), reranked.distances(rows).numpy())
     np.testing.assert_allclose(torch.cat([chunk.block(0, 33), chunk.block(33, 80)], 1).numpy(), dist.numpy(),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_screening_on_the_distance_is_exact(lam):
+    """An entry without overlap has a re-ranked distance within a bound exactly when ``|d|`` is within
+    the chunk's threshold: checked on distances around each threshold, negative ones (cosine
+    rounding) and bounds below every distance."""
+    qf, gf, *_ = _features(6, 40, seed=2)
+    chunk = rerank_from_features(qf, gf, 6, 3, lam)._chunk(torch.arange(6))
+    bound = torch.tensor([0.05, 0.3, 0.69, 0.7, 1.0, 0.0], dtype=torch.float32)
+    t = chunk.screen(bound)
+    rng = np.random.default_rng(0)
+    d = [torch.from_numpy(rng.uniform(-0.001, 2.0, (6, 200)).astype(np.float32)), torch.zeros(6, 1)]
+    finite = torch.where(torch.isfinite(t), t, torch.zeros_like(t))[:, None]
+    for step in range(-3, 4):  # the threshold and its float neighbours, on both signs
+        near = finite.clone()
+        for _ in range(abs(step)):
+            near = torch.nextafter(near, torch.full_like(near, math.inf if step > 0 else -math.inf))
+        d += [near, -near]
+    d = torch.cat(d, 1)
+    rows = torch.arange(6)[:, None].expand_as(d)
+    within = chunk.untouched_finals(rows.reshape(-1), d.reshape(-1)).view_as(d) <= bound[:, None]
+    assert torch.equal(within, d.abs() <= t[:, None])
+    if lam < 1:
+        assert t[-1] == -math.inf  # nothing is within a bound below 1 - λ

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -174,24 +174,30 @@ def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextmanager
-def serial_cpu_ops(device: torch.device) -> Iterator[None]:
-    """Run the enclosed torch CPU operations on one intra-op thread, then restore the thread count.
-
-    For the many small operations after each product (thresholds, candidate merges, ranks): split
-    over threads they spend more time synchronising than computing, and far more when other
-    processes share the cores; the products themselves keep every thread. No effect off the CPU.
-    The count is process-wide: enter it from the main thread only, around work that other threads
-    (`helper_thread`) share.
-    """
+def cpu_threads(device: torch.device, count: int) -> Iterator[None]:
+    """Run the enclosed torch CPU operations on ``count`` intra-op threads, then restore the thread
+    count (also after an error). No effect off the CPU. The count is process-wide: enter it from the
+    main thread only, around work that other threads (`helper_thread`) share."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if device.type != "cpu" or threads == count:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def serial_cpu_ops(device: torch.device) -> AbstractContextManager[None]:
+    """Run the enclosed torch CPU operations on one intra-op thread (`cpu_threads`).
+
+    For the many small operations after each product (thresholds, candidate merges, ranks): split
+    over threads they spend more time synchronising than computing, and far more when other
+    processes share the cores; the products themselves keep every thread, or run one per thread
+    side by side.
+    """
+    return cpu_threads(device, 1)
 
 
 @contextmanager
@@ -259,6 +265,7 @@ __all__ = [
     "column_min",
     "compare",
     "count_nonzero",
+    "cpu_threads",
     "flat_nonzero",
     "helper_thread",
     "pair_distance_bounds",

@@ -21,7 +21,10 @@ block serves its rows and, transposed, its columns, both sides at once when two 
 available; `_neighbours_and_farthest`), and produces the re-ranked query × gallery distances one
 chunk of queries at a time, with the Jaccard term only where ``S`` is non-zero (summed by one
 ``bincount`` per block of rows, no sort), so `compute_reid_metrics` ranks them without ever holding
-``Q × G``.
+``Q × G``. Where ``S = 0`` (nearly everywhere) the final distance ``λ·d²/m + (1 - λ)`` never
+decreases with ``|d|``, so for ranking those entries are screened on ``d`` itself against a
+threshold found by a binary search over float32 values, and only the survivors and the overlaps
+are transformed (`_RerankedChunk`).
 
 Ties: both paths order neighbours by distance with ties by index (the dense path by a stable sort,
 the pass by (score, index) keys, computing each pair's product once, so ``i`` and ``j`` see the
@@ -33,8 +36,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -49,8 +55,8 @@ from .distances import (
     check_metric,
     column_min,
     compare,
+    cpu_threads,
     flat_nonzero,
-    helper_thread,
     pair_distance_bounds,
     pairwise_distance,
     prepare_features,
@@ -69,6 +75,8 @@ _OVERLAP_SLOTS = 1 << 19
 _KNN_BLOCK = 1024
 # Width of the off-diagonal blocks, in square blocks: fewer, longer products and folds.
 _KNN_WIDE = 8
+# At most this many lanes of off-diagonal blocks at once on the CPU (their folds take turns).
+_KNN_LANES = 4
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -533,28 +541,41 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
             if xi.shape[0] >= k:
                 kth[i0 : i0 + xi.shape[0]] = score.topk(k, dim=1).values[:, -1]
             fold(score, i0, i0, False)
-    # With several threads on the CPU, a block's row side and column side are folded at once, on
-    # disjoint states (j0 > i0): the folds run single-threaded, the products on every thread.
-    with helper_thread(device) as pool:
-        for i0 in range(0, n, block):
-            xi = x[i0 : i0 + block]
-            for j0 in range(i0 + block, n, block * _KNN_WIDE):
-                xj = x[j0 : j0 + block * _KNN_WIDE]
-                s = torch.mm(xi, xj.T, out=buf[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
-                with serial_cpu_ops(device):
-                    if metric == "cosine":
-                        by_row = by_column = s
-                    else:  # 2 x·y - ‖y‖² (‖x‖² for the columns), the same float32 operations as on the diagonal
-                        by_row = torch.mul(s, 2.0, out=shifted[0, : s.numel()].view(s.shape))
-                        by_row.sub_(sq[None, j0 : j0 + xj.shape[0]])
-                        by_column = torch.mul(s, 2.0, out=shifted[1, : s.numel()].view(s.shape))
-                        by_column.sub_(sq[i0 : i0 + xi.shape[0], None])
-                    columns = None if pool is None else pool.submit(fold, by_column, i0, j0, True)
+    # Off the diagonal, on the CPU, lanes of blocks run side by side, each with its own products on
+    # an equal share of the threads; the folds, which share the states, take turns (a lock) while
+    # the other lanes multiply. Each lane keeps to the order of the blocks.
+    tasks = [(i0, j0) for i0 in range(0, n, block) for j0 in range(i0 + block, n, block * _KNN_WIDE)]
+    lanes = min(torch.get_num_threads(), _KNN_LANES, max(len(tasks), 1)) if device.type == "cpu" else 1
+    turn = threading.Lock()
+
+    def lane(number: int, out: torch.Tensor, shift: torch.Tensor | None) -> None:
+        for i0, j0 in tasks[number::lanes]:
+            xi, xj = x[i0 : i0 + block], x[j0 : j0 + block * _KNN_WIDE]
+            s = torch.mm(xi, xj.T, out=out[: xi.shape[0] * xj.shape[0]].view(xi.shape[0], xj.shape[0]))
+            with serial_cpu_ops(device) if lanes == 1 else nullcontext():
+                if metric == "cosine":
+                    by_row = by_column = s
+                else:  # 2 x·y - ‖y‖² (‖x‖² for the columns), the same float32 operations as on the diagonal
+                    by_row = torch.mul(s, 2.0, out=shift[0, : s.numel()].view(s.shape))
+                    by_row.sub_(sq[None, j0 : j0 + xj.shape[0]])
+                    by_column = torch.mul(s, 2.0, out=shift[1, : s.numel()].view(s.shape))
+                    by_column.sub_(sq[i0 : i0 + xi.shape[0], None])
+                with turn:
                     fold(by_row, i0, j0, False)
-                    if columns is None:
-                        fold(by_column, i0, j0, True)
-                    else:
-                        columns.result()
+                    fold(by_column, i0, j0, True)
+
+    scratch = [(buf, shifted)] + [
+        (torch.empty_like(buf), None if shifted is None else torch.empty_like(shifted)) for _ in range(lanes - 1)
+    ]
+    with cpu_threads(device, max(1, torch.get_num_threads() // lanes)):
+        if lanes == 1:
+            lane(0, *scratch[0])
+        else:
+            with ThreadPoolExecutor(lanes - 1) as pool:
+                others = [pool.submit(lane, number, *scratch[number]) for number in range(1, lanes)]
+                lane(0, *scratch[0])
+                for future in others:
+                    future.result()
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
