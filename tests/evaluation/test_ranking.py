@@ -420,3 +420,24 @@ def test_pair_distance_bounds_contain_the_products(metric, dtype):
     scale = 1.0 if metric == "cosine" else float(values.max())
     apart = values > 0.01 * scale  # a Euclidean distance near 0 is only known to about sqrt(eps)·‖x‖
     assert float((high - low)[apart].max()) < 20 * (300 + 4) * torch.finfo(dtype).eps * scale
+
+
+def test_gallery_blocks_in_lanes_match_a_full_sort(monkeypatch):
+    """With 1, 2 or 3 torch threads the chunk's rows are split into as many lanes, each computing and
+    screening its own products: the same metrics as a full sort, and the thread count comes back."""
+    monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 16)
+    monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    spy = _PathSpy(monkeypatch)
+    qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=41, num_g=180, seed=34)
+    expected = slow_protocol(pairwise_distance(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams, max_rank=20)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for chunk in (None, 10):
+                got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk_size=chunk)
+                assert_same(got, expected)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert spy.blocked > 0 and spy.rows == 0

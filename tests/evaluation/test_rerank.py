@@ -283,20 +283,25 @@ def test_overlap_entries_match_a_dense_sum(monkeypatch, slots):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_one_pass_with_several_threads_folds_both_sides_at_once(monkeypatch, metric):
-    """With more than one torch thread the row and column sides of a block are folded concurrently
-    (disjoint states): the same exact neighbours and farthest distances, and the caller's thread
-    count is back afterwards."""
+def test_one_pass_in_lanes_matches_full_sort(monkeypatch, metric):
+    """With more than one torch thread, lanes of off-diagonal blocks are multiplied side by side and
+    their folds take turns: the same exact neighbours and farthest distances (ties included) with 2
+    and 4 threads, and the caller's thread count is back afterwards."""
     monkeypatch.setattr(rerank_module, "_KNN_BLOCK", 7)
+    monkeypatch.setattr(rerank_module, "_KNN_WIDE", 2)
     x = _integer_features(60, seed=11)
     x[30] = x[0]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    results = []
     try:
-        neighbours, farthest = rerank_module._neighbours_and_farthest(x, 9, metric)
-        assert torch.get_num_threads() == 2
+        for threads in (2, 4):
+            torch.set_num_threads(threads)
+            results.append(rerank_module._neighbours_and_farthest(x, 9, metric))
+            assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+    neighbours, farthest = results[0]
+    assert all(torch.equal(a, b) for result in results[1:] for a, b in zip(result, results[0]))
     expected, expected_far = slow_neighbours(x, 9, metric)
     np.testing.assert_array_equal(neighbours.numpy(), expected)
     np.testing.assert_allclose(farthest.numpy(), expected_far, rtol=1e-6)

@@ -176,8 +176,8 @@ def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @contextmanager
 def cpu_threads(device: torch.device, count: int) -> Iterator[None]:
     """Run the enclosed torch CPU operations on ``count`` intra-op threads, then restore the thread
-    count (also after an error). No effect off the CPU. The count is process-wide: enter it from the
-    main thread only, around work that other threads (`helper_thread`) share."""
+    count (also after an error). No effect off the CPU. Enter it from the main thread only, around
+    work that other threads (`helper_thread`, whose workers start with the same count) share."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == count:
         yield
@@ -201,15 +201,18 @@ def serial_cpu_ops(device: torch.device) -> AbstractContextManager[None]:
 
 
 @contextmanager
-def helper_thread(device: torch.device, workers: int = 1) -> Iterator[ThreadPoolExecutor | None]:
+def helper_thread(
+    device: torch.device, workers: int = 1, threads_each: int = 1
+) -> Iterator[ThreadPoolExecutor | None]:
     """A thread pool of ``workers`` threads where work on ``device`` can run beside the main thread (the
     CPU with more than one torch thread), else ``None``. Work split between the threads must touch
-    disjoint data and run inside `serial_cpu_ops` (entered by the main thread: the count is
-    process-wide), so that the threads do not also split each operation."""
+    disjoint data, and the main thread runs inside `cpu_threads` with ``threads_each`` (one:
+    `serial_cpu_ops`) so that the threads do not also split each operation; each worker starts with
+    that count too (OpenMP keeps one per thread)."""
     if device.type != "cpu" or torch.get_num_threads() == 1 or workers < 1:
         yield None
         return
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(threads_each,)) as pool:
         yield pool
 
 

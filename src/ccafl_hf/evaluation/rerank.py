@@ -39,7 +39,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -57,6 +56,7 @@ from .distances import (
     compare,
     cpu_threads,
     flat_nonzero,
+    helper_thread,
     pair_distance_bounds,
     pairwise_distance,
     prepare_features,
@@ -567,15 +567,12 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     scratch = [(buf, shifted)] + [
         (torch.empty_like(buf), None if shifted is None else torch.empty_like(shifted)) for _ in range(lanes - 1)
     ]
-    with cpu_threads(device, max(1, torch.get_num_threads() // lanes)):
-        if lanes == 1:
-            lane(0, *scratch[0])
-        else:
-            with ThreadPoolExecutor(lanes - 1) as pool:
-                others = [pool.submit(lane, number, *scratch[number]) for number in range(1, lanes)]
-                lane(0, *scratch[0])
-                for future in others:
-                    future.result()
+    each = max(1, torch.get_num_threads() // lanes)
+    with helper_thread(device, lanes - 1, each) as pool, cpu_threads(device, each):
+        others = [pool.submit(lane, number, *scratch[number]) for number in range(1, lanes)] if pool else []
+        lane(0, *scratch[0])
+        for future in others:
+            future.result()
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
