@@ -15,7 +15,7 @@ are each placed among the row's sorted positive distances by one ``searchsorted`
 summed cumulatively, is each positive's rank.
 
 From features (`compute_reid_metrics`) the query × gallery product is computed in tiles: chunks of
-about a thousand queries, blocks of about 4,096 gallery items (on the CPU such tiles run the BLAS
+about two thousand queries, blocks of about 4,096 gallery items (on the CPU such tiles run the BLAS
 kernel 1.3-1.6x faster than products as wide as the gallery, and a tile is still in cache when it
 is compared). A row's last positive is not known before its last block, so each row first gets an
 upper bound on its positives' distances (`pair_distance_bounds`: their dot products and the
@@ -66,16 +66,16 @@ from .rerank import rerank_from_features
 
 logger = logging.getLogger(__name__)
 
-# Bytes of scratch per query chunk when chunk_size is None (distances + comparison mask): small enough
-# that the comparison pass after each product finds much of the chunk still in the last-level cache.
+# Bytes of scratch per chunk of whole rows (distances + comparison mask): `evaluate_rank`, and chunks
+# that are not ranked by gallery blocks.
 _CHUNK_BYTES = 128 * 2**20
 # Above this fraction of surviving entries a chunk is ranked by one search of whole rows instead.
 _DENSE_SURVIVORS = 0.25
-# From features: queries per chunk (chunk_size None) and gallery items per block of the product. On
-# the CPU, products of about a thousand queries by a few thousand gallery items run 1.3-1.6x faster
-# than products as wide as the whole gallery, and a block (16 MB) is still in the last-level cache
-# when it is compared.
-_QUERY_CHUNK = 1024
+# From features: queries per chunk (chunk_size None; per two CPU threads) and gallery items per block
+# of the product. On the CPU, products of about a thousand queries by a few thousand gallery items
+# run 1.3-1.6x faster than products as wide as the whole gallery, and a lane's block (16 MB) is still
+# in the last-level cache when it is compared.
+_QUERY_CHUNK = 2048
 _GALLERY_BLOCK = 4096
 # A chunk with more survivors than this is ranked by whole rows instead (bounded scratch).
 _MAX_SURVIVORS = 1 << 23
@@ -654,7 +654,8 @@ def compute_reid_metrics(
     features' device, so on the GPU when they are there); ids as in `evaluate_rank`. ``metric``:
     ``"cosine"`` (rows L2-normalised, distance ``1 - cos``) or ``"euclidean"``. With ``rerank`` the
     distances are k-reciprocal re-ranked (`rerank_from_features`, parameters ``k1, k2,
-    lambda_value``). Queries are processed ``chunk_size`` at a time (default: ~128 MB of scratch).
+    lambda_value``). Queries are processed ``chunk_size`` at a time (default 2,048; more with more
+    than two CPU threads), against blocks of about 4,096 gallery items.
 
     Returns the same dict as `evaluate_rank` on the dense distance matrix
     ``pairwise_distance(query_features, gallery_features, metric)`` (or its re-ranked version).
