@@ -15,7 +15,7 @@ from .processing import build_image_processor, build_reid_processor, load_tokeni
 from .tiny import build_tiny_tokenizer, create_tiny_model, tiny_config
 from .utils.moved import install_moved_modules
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 install_moved_modules()  # ccafl_hf.precision, ccafl_hf.cache, ...: their old import paths, for one release
 

@@ -333,15 +333,17 @@ class _PathSpy:
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.parametrize(("block", "chunk"), [(7, None), (50, 3), (1000, 16)])
-def test_gallery_blocks_match_full_sort(monkeypatch, metric, block, chunk):
+@pytest.mark.parametrize(("block", "chunk", "dtype"), [(7, None, np.float32), (50, 3, np.float32),
+                                                       (1000, 16, np.float32), (50, None, np.float64)])
+def test_gallery_blocks_match_full_sort(monkeypatch, metric, block, chunk, dtype):
     """Ranked a gallery block at a time (survivors under a bound, junk set aside, positives gathered
     per block) the metrics equal a stable full sort of every row: skipped queries, distractors,
-    same-camera junk, blocks of unequal widths."""
+    same-camera junk, blocks of unequal widths, float64 features."""
     monkeypatch.setattr(ranking, "_GALLERY_BLOCK", block)
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
     spy = _PathSpy(monkeypatch)
     qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=40, num_g=301, seed=31)
+    qf, gf = qf.astype(dtype), gf.astype(dtype)
     distmat = pairwise_distance(qf, gf, metric).numpy()
     expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=30)
     got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric, max_rank=30, chunk_size=chunk)
