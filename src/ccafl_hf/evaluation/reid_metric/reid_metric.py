@@ -29,7 +29,7 @@ Args:
     metric: "cosine" (default; features are L2-normalised) or "euclidean".
     rerank: k-reciprocal re-ranking (default False), with k1 (20), k2 (6), lambda_value (0.3).
     max_rank: length of the returned CMC curve (default 50).
-    chunk_size: queries per chunk (default: automatic, ~128 MB of scratch).
+    chunk_size: queries per chunk (default: 2,048; more with more than two CPU threads).
 Returns:
     mAP, mINP, rank1, rank5, rank10: fractions in [0, 1];
     cmc: list of max_rank fractions (CMC@1..max_rank);
