@@ -18,10 +18,10 @@ Every set above has at most ``k1 + 1`` (or ``k1·k1/2``) members, so ``V`` is sp
 the neighbour lists are needed, not the ``N × N`` matrix: `rerank_from_features` gets them, and
 ``max_r d(r, i)``, from one blocked pass over the upper triangle of the ``N × N`` products (each
 block serves its rows and, transposed, its columns; on the CPU each thread multiplies its own
-blocks while the merges take turns; `_neighbours_and_farthest`), and produces the re-ranked query × gallery distances one
-chunk of queries at a time, with the Jaccard term only where ``S`` is non-zero (summed by one
-``bincount`` per block of rows, no sort), so `compute_reid_metrics` ranks them without ever holding
-``Q × G``. Where ``S = 0`` (nearly everywhere) the final distance ``λ·d²/m + (1 - λ)`` never
+blocks while the merges take turns; `_neighbours_and_farthest`). It produces the re-ranked
+query × gallery distances one chunk of queries at a time, with the Jaccard term only where ``S``
+is non-zero (summed by one ``bincount`` per block of rows, no sort), so `compute_reid_metrics`
+ranks them without ever holding ``Q × G``. Where ``S = 0`` (nearly everywhere) the final distance ``λ·d²/m + (1 - λ)`` never
 decreases with ``|d|``, so for ranking those entries are screened on ``d`` itself against a
 threshold found by a binary search over float32 values, and only the survivors and the overlaps
 are transformed (`_RerankedChunk`).
