@@ -30,7 +30,11 @@ every entry (`evaluate_rank`'s kernel).
 
 Ties are broken as a **stable** ascending sort of the row would: by gallery index. A survivor at the
 same distance as some positives (found by that search) comes before those with a larger gallery
-index only. The dense `evaluate_rank` uses the same kernel, so both agree exactly, ties included.
+index only. The dense `evaluate_rank` uses the same kernel, so both agree exactly on the same
+distances, ties included. From features, the distances are those of the tiles' products: equal to
+the whole product's wherever the matrix-product kernel rounds both alike (tiles of a thousand rows
+or more on the CPU), but a kernel may round a small tile (a few rows) differently in the last
+place, and then exactly tied features (duplicates) can be ordered differently.
 """
 
 from __future__ import annotations
@@ -658,7 +662,9 @@ def compute_reid_metrics(
     than two CPU threads), against blocks of about 4,096 gallery items.
 
     Returns the same dict as `evaluate_rank` on the dense distance matrix
-    ``pairwise_distance(query_features, gallery_features, metric)`` (or its re-ranked version).
+    ``pairwise_distance(query_features, gallery_features, metric)`` (or its re-ranked version), up to
+    the product's last-place rounding, which a kernel may do differently for small tiles (module
+    docstring: only ties between duplicate features can notice).
     """
     metric = check_metric(metric)
     max_rank = _check_max_rank(max_rank)
