@@ -429,6 +429,7 @@ def test_gallery_blocks_in_lanes_match_a_full_sort(monkeypatch):
     screening its own products: the same metrics as a full sort, and the thread count comes back."""
     monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 16)
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
+    monkeypatch.setattr(ranking, "_LANE_ROWS", 4)
     spy = _PathSpy(monkeypatch)
     qf, gf, q_pids, g_pids, q_cams, g_cams = make_case(num_q=41, num_g=180, seed=34)
     expected = slow_protocol(pairwise_distance(qf, gf).numpy(), q_pids, g_pids, q_cams, g_cams, max_rank=20)

@@ -44,6 +44,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import nullcontext
 from typing import Protocol
 
 import numpy as np
@@ -83,6 +84,9 @@ _QUERY_CHUNK = 2048
 _GALLERY_BLOCK = 4096
 # A chunk with more survivors than this is ranked by whole rows instead (bounded scratch).
 _MAX_SURVIVORS = 1 << 23
+# Fewest queries per lane: smaller chunks run as one lane (tiny products gain nothing from lanes,
+# and a kernel may round a product of a few rows differently from the whole product).
+_LANE_ROWS = 64
 
 
 def _check_max_rank(max_rank: int) -> int:
@@ -456,14 +460,16 @@ def _rank_by_blocks(
     """
     b, p = index.shape
     device = index.device
+    lanes = max(1, min(lanes, b // _LANE_ROWS))
     width = buf.numel() // max(b, 1) if lanes > 1 else 0
-    rows_of = [slice(int(r[0]), int(r[-1]) + 1) for r in torch.arange(b).tensor_split(min(lanes, b)) if r.numel()]
+    rows_of = [slice(int(r[0]), int(r[-1]) + 1) for r in torch.arange(b).tensor_split(lanes)]
 
     def at_once(work: Callable, *args_per_lane: tuple) -> list:
         later = [pool.submit(work, *args) for args in args_per_lane[1:]]
         return [work(*args_per_lane[0])] + [f.result() for f in later]
 
-    with serial_cpu_ops(device):  # every lane's products and folds on one intra-op thread
+    # with lanes, every lane's products and folds on one intra-op thread; one lane keeps them all
+    with serial_cpu_ops(device) if lanes > 1 else nullcontext():
         rows_p, slots_p = positive.nonzero(as_tuple=True)
         cols_p = index[rows_p, slots_p]
         cuts = torch.searchsorted(rows_p, torch.tensor([s.start for s in rows_of[1:]], dtype=torch.int64,
