@@ -235,6 +235,16 @@ def _integer_case(num_q, num_g, metric="euclidean", num_ids=4, num_cams=3, seed=
     return qf, gf, q_pids, g_pids, q_cams, g_cams
 
 
+def _scored_integer_cases(num_q, num_g, metric, seeds, max_rank):
+    """`_integer_case` for each seed that has a valid query: (case, dense distances, full-sort metrics)."""
+    for seed in seeds:
+        case = _integer_case(num_q, num_g, metric, seed=seed)
+        qf, gf, q_pids, g_pids, q_cams, g_cams = case
+        if np.any((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])):
+            distmat = pairwise_distance(qf, gf, metric).numpy()
+            yield case, distmat, slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+
+
 @pytest.mark.parametrize("survivors", ["sparse", "dense"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize(("num_q", "num_g", "max_rank"), [(40, 150, 20), (25, 6, 10), (12, 3, 50)])
@@ -243,12 +253,8 @@ def test_counting_matches_full_sort_with_ties(monkeypatch, survivors, metric, nu
     stable sort of every row: ties everywhere, same-camera junk, queries without a valid positive
     (skipped), and galleries smaller than max_rank."""
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0 if survivors == "sparse" else -1.0)
-    for seed in range(2):
-        qf, gf, q_pids, g_pids, q_cams, g_cams = _integer_case(num_q, num_g, metric, seed=seed)
-        distmat = pairwise_distance(qf, gf, metric).numpy()
-        if not np.any((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])):
-            continue
-        expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+    for case, distmat, expected in _scored_integer_cases(num_q, num_g, metric, range(2), max_rank):
+        qf, gf, q_pids, g_pids, q_cams, g_cams = case
         assert len(np.unique(distmat)) < distmat.size  # tied distances
         assert_same(evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank), expected)
         # float64 distances: the binary search instead of the (row, float32) key search
@@ -360,12 +366,8 @@ def test_gallery_blocks_with_ties(monkeypatch, metric, num_q, num_g, max_rank):
     monkeypatch.setattr(ranking, "_GALLERY_BLOCK", 4)
     monkeypatch.setattr(ranking, "_DENSE_SURVIVORS", 2.0)
     spy = _PathSpy(monkeypatch)
-    for seed in range(3):
-        qf, gf, q_pids, g_pids, q_cams, g_cams = _integer_case(num_q, num_g, metric, seed=seed)
-        distmat = pairwise_distance(qf, gf, metric).numpy()
-        if not np.any((g_pids[None] == q_pids[:, None]) & (g_cams[None] != q_cams[:, None])):
-            continue
-        expected = slow_protocol(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank)
+    for case, _, expected in _scored_integer_cases(num_q, num_g, metric, range(3), max_rank):
+        qf, gf, q_pids, g_pids, q_cams, g_cams = case
         for chunk in (None, 5):
             got = compute_reid_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric=metric,
                                        max_rank=max_rank, chunk_size=chunk)

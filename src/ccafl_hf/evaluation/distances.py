@@ -10,8 +10,8 @@ wide, may differ in the last place).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
@@ -218,6 +218,21 @@ def helper_thread(
         yield pool
 
 
+def at_once(pool: Executor | None, work: Callable[..., Any], *args_per_task: tuple) -> list:
+    """``[work(*args) for args in args_per_task]``, the first task on the calling thread and the others
+    on ``pool`` (`helper_thread`) at the same time; all in turn where ``pool`` is None."""
+    later = [pool.submit(work, *args) for args in args_per_task[1:]] if pool is not None else []
+    first = [work(*args_per_task[0])] if args_per_task else []
+    rest = [f.result() for f in later] if pool is not None else [work(*args) for args in args_per_task[1:]]
+    return first + rest
+
+
+def even_ranges(total: int, count: int) -> list[tuple[int, int]]:
+    """``count`` consecutive ranges ``(start, stop)`` covering ``0 .. total``, equal to within one."""
+    edges = [round(i * total / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 _NUMPY_COMPARISONS = {"le": np.less_equal, "ge": np.greater_equal}
 
 
@@ -263,6 +278,7 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "ArrayLike",
     "DistanceMetric",
+    "at_once",
     "check_feature_pair",
     "check_features",
     "check_ids",
@@ -271,6 +287,7 @@ __all__ = [
     "compare",
     "count_nonzero",
     "cpu_threads",
+    "even_ranges",
     "flat_nonzero",
     "helper_thread",
     "pair_distance_bounds",

@@ -54,11 +54,13 @@ from .distances import (
     ArrayLike,
     DistanceMetric,
     _as_tensor,
+    at_once,
     check_feature_pair,
     check_ids,
     check_metric,
     compare,
     count_nonzero,
+    even_ranges,
     flat_nonzero,
     helper_thread,
     pair_distance_bounds,
@@ -303,13 +305,10 @@ def _rank_chunk(
     b, g = dist.shape
     with serial_cpu_ops(dist.device):
         idx, positive, junk = index.lookup(pids, camids)
-        if pool is None or b < 2:
-            acc.add(*_positive_ranks(dist, idx, positive, junk, mask_buf))
-            return
-        h = b // 2
-        later = pool.submit(_positive_ranks, dist[h:], idx[h:], positive[h:], junk[h:], mask_buf[h * g :])
-        acc.add(*_positive_ranks(dist[:h], idx[:h], positive[:h], junk[:h], mask_buf[: h * g]))
-        acc.add(*later.result())
+        halves = even_ranges(b, 2 if pool is not None and b > 1 else 1)
+        for ranks in at_once(pool, _positive_ranks, *((dist[a:z], idx[a:z], positive[a:z], junk[a:z], mask_buf[a * g :])
+                                                      for a, z in halves)):
+            acc.add(*ranks)
 
 
 class _DistanceChunk(Protocol):
@@ -321,8 +320,9 @@ class _DistanceChunk(Protocol):
     the screened entries and `exceptions` the entries that do not follow that function.
     """
 
-    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Distances ``[B, j1 - j0]`` to gallery items ``j0 .. j1 - 1`` (into ``out`` when given)."""
+    def block(self, j0: int, j1: int, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """Distances ``[R, j1 - j0]`` of the chunk rows ``rows`` to gallery items ``j0 .. j1 - 1`` (into
+        ``out`` when given)."""
 
     def raw(self, j0: int, j1: int, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         """Screening values ``[R, j1 - j0]`` of the chunk rows ``rows`` (``R`` of them)."""
@@ -354,8 +354,8 @@ class _FeatureChunk:
         self.q, self.gallery, self.metric, self.g_sq = q, gallery, metric, g_sq
         self.q_sq = q.pow(2).sum(1)
 
-    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.raw(j0, j1, slice(None), out)
+    def block(self, j0: int, j1: int, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.raw(j0, j1, rows, out)
 
     def raw(self, j0: int, j1: int, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         g_sq = self.g_sq[j0:j1] if self.metric == "euclidean" else None
@@ -380,9 +380,7 @@ class _FeatureChunk:
 
 def _gallery_blocks(num_gallery: int) -> list[tuple[int, int]]:
     """Column ranges ``(j0, j1)`` of about ``_GALLERY_BLOCK`` items, of equal width to within one."""
-    count = -(-num_gallery // _GALLERY_BLOCK)
-    edges = [round(i * num_gallery / count) for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return even_ranges(num_gallery, -(-num_gallery // _GALLERY_BLOCK))
 
 
 def _fold_lane(
@@ -462,11 +460,7 @@ def _rank_by_blocks(
     device = index.device
     lanes = max(1, min(lanes, b // _LANE_ROWS))
     width = buf.numel() // max(b, 1) if lanes > 1 else 0
-    rows_of = [slice(int(r[0]), int(r[-1]) + 1) for r in torch.arange(b).tensor_split(lanes)]
-
-    def at_once(work: Callable, *args_per_lane: tuple) -> list:
-        later = [pool.submit(work, *args) for args in args_per_lane[1:]]
-        return [work(*args_per_lane[0])] + [f.result() for f in later]
+    rows_of = [slice(a, z) for a, z in even_ranges(b, lanes)]
 
     # with lanes, every lane's products and folds on one intra-op thread; one lane keeps them all
     with serial_cpu_ops(device) if lanes > 1 else nullcontext():
@@ -475,13 +469,13 @@ def _rank_by_blocks(
         cuts = torch.searchsorted(rows_p, torch.tensor([s.start for s in rows_of[1:]], dtype=torch.int64,
                                                        device=device)).tolist()
         pairs = [slice(a, z) for a, z in zip([0, *cuts], [*cuts, rows_p.numel()])]
-        upper = torch.cat(at_once(chunk.upper_bounds, *((rows_p[s], cols_p[s]) for s in pairs)))
+        upper = torch.cat(at_once(pool, chunk.upper_bounds, *((rows_p[s], cols_p[s]) for s in pairs)))
         bound = torch.full((b,), -math.inf, dtype=torch.float64, device=device)
         bound = round_up(bound.scatter_reduce_(0, rows_p, upper, "amax"), buf.dtype)
         threshold = chunk.screen(bound)
         stop = threading.Event()
         budget = _MAX_SURVIVORS // len(rows_of)
-        folded = at_once(_fold_lane, *((chunk, s, index, positive, junk, blocks, bound, threshold,
+        folded = at_once(pool, _fold_lane, *((chunk, s, index, positive, junk, blocks, bound, threshold,
                                         buf[s.start * width :], mask_buf[s.start * width :], budget, stop)
                                        for s in rows_of))
         if any(lane is None for lane in folded):
@@ -493,7 +487,7 @@ def _rank_by_blocks(
         if not bool((last <= bound).all()):  # a product less accurate than its bound (e.g. TF32)
             logger.debug("a distance bound failed for a chunk of queries: ranking it by whole rows")
             return None
-        ranks = at_once(_rank_lane, *((lane[1], pos_d[s], pos_g[s], valid[s], last[s], blocks[-1][1])
+        ranks = at_once(pool, _rank_lane, *((lane[1], pos_d[s], pos_g[s], valid[s], last[s], blocks[-1][1])
                                       for s, lane in zip(rows_of, folded)))
     return torch.cat(ranks), num_pos
 
@@ -517,8 +511,9 @@ def _rank_queries(
     row_buf = row_mask = None
     with helper_thread(device, workers=lanes - 1) as pool:
         for rows in queries.tensor_split(-(-queries.numel() // chunk_size)):
+            chunk = distances(rows)
             idx, positive, junk = index.lookup(pids[rows], camids[rows])
-            result = _rank_by_blocks(distances(rows), idx, positive, junk, blocks, buf, mask_buf, pool, lanes)
+            result = _rank_by_blocks(chunk, idx, positive, junk, blocks, buf, mask_buf, pool, lanes)
             if result is not None:
                 acc.add(*result)
                 continue
@@ -526,9 +521,11 @@ def _rank_queries(
             if row_buf is None:
                 row_buf = torch.empty(step * num_gallery, dtype=dtype, device=device)
                 row_mask = torch.empty(step * num_gallery, dtype=torch.bool, device=device)
-            for sub in rows.split(step):
-                dist = distances(sub).block(0, num_gallery, out=row_buf[: sub.numel() * num_gallery].view(-1, num_gallery))
-                _rank_chunk(acc, dist, index, pids[sub], camids[sub], row_mask, pool)
+            for a in range(0, rows.numel(), step):
+                sub = slice(a, a + step)
+                out = row_buf[: rows[sub].numel() * num_gallery].view(-1, num_gallery)
+                dist = chunk.block(0, num_gallery, sub, out=out)
+                _rank_chunk(acc, dist, index, pids[rows[sub]], camids[rows[sub]], row_mask, pool)
 
 
 class _MetricAccumulator:
@@ -692,10 +689,13 @@ def compute_reid_metrics(
     if rerank:
         reranker = rerank_from_features(qf, gf, k1=k1, k2=k2, lambda_value=lambda_value, metric=metric,
                                         prepared=True)
-    g_sq = gf.pow(2).sum(1)
+    if reranker is None:
+        g_sq = gf.pow(2).sum(1)
 
-    def distances(rows: torch.Tensor) -> _DistanceChunk:
-        return _FeatureChunk(qf[rows], gf, metric, g_sq) if reranker is None else reranker._chunk(rows)
+        def distances(rows: torch.Tensor) -> _DistanceChunk:
+            return _FeatureChunk(qf[rows], gf, metric, g_sq)
+    else:
+        distances = reranker._chunk
 
     acc = _MetricAccumulator(max_rank, qf.device)
     _rank_queries(acc, distances, queries, index, q_pids_t, q_cam_t, num_g, chunk_size,

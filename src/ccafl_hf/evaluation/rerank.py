@@ -50,6 +50,7 @@ from scipy import sparse
 from .distances import (
     ArrayLike,
     DistanceMetric,
+    at_once,
     check_feature_pair,
     check_metric,
     column_min,
@@ -360,10 +361,11 @@ class _RerankedChunk:
         seg, pos = _ragged(starts, np.searchsorted(self.keys, row_keys + j1) - starts)
         return seg, self.keys[pos] - row_keys[seg] - j0, self.overlap[pos]
 
-    def block(self, j0: int, j1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Re-ranked distances ``[B, j1 - j0]`` (float32) to gallery items ``j0 .. j1 - 1``."""
-        original = self.raw(j0, j1, out=out).pow_(2).div_(self.scale[:, None])
-        seg, col, overlap = self._touched(j0, j1)
+    def block(self, j0: int, j1: int, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """Re-ranked distances ``[R, j1 - j0]`` (float32) of the chunk rows ``rows`` to gallery items
+        ``j0 .. j1 - 1``."""
+        original = self.raw(j0, j1, rows, out).pow_(2).div_(self.scale[rows, None])
+        seg, col, overlap = self._touched(j0, j1, rows)
         return _rerank_block(original, seg * (j1 - j0) + col, overlap, self.owner.lambda_value)
 
     def untouched_finals(self, rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -425,12 +427,9 @@ class _RerankedChunk:
     def _overlaps_at(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether each pair ``(rows, cols)`` has an overlap, and ``S`` there (float64, 0 elsewhere)."""
         keys = rows.cpu().numpy() * self.owner.shape[1] + cols.cpu().numpy()
-        found = np.zeros(keys.size, dtype=bool)
+        found = _in_sorted(self.keys, keys)
         overlap = np.zeros(keys.size)
-        if self.keys.size:
-            loc = np.searchsorted(self.keys, keys).clip(max=self.keys.size - 1)
-            found = self.keys[loc] == keys
-            overlap[found] = self.overlap[loc[found]]
+        overlap[found] = self.overlap[np.searchsorted(self.keys, keys[found])]
         return torch.from_numpy(found).to(rows.device), torch.from_numpy(overlap).to(rows.device)
 
     def upper_bounds(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -569,10 +568,7 @@ def _neighbours_and_farthest(x: torch.Tensor, k: int, metric: str) -> tuple[torc
     ]
     each = max(1, torch.get_num_threads() // lanes)
     with helper_thread(device, lanes - 1, each) as pool, cpu_threads(device, each):
-        others = [pool.submit(lane, number, *scratch[number]) for number in range(1, lanes)] if pool else []
-        lane(0, *scratch[0])
-        for future in others:
-            future.result()
+        at_once(pool, lane, *((number, *scratch[number]) for number in range(lanes)))
     neighbours = _INDEX_MASK - (best & _INDEX_MASK)
     if metric == "cosine":
         farthest = (1.0 - lowest).clamp_(min=0.0).square_()
